@@ -1,0 +1,1050 @@
+"""common.py: the plumbing shared by excb.py, resa.py, simclr_nscl.py, probe.py and monitor.py.
+
+This is the ONLY module the method files import from the repository. It holds no method: no loss, no
+balancing, no Sinkhorn, no projector. Anything from a paper's method section lives in its method file.
+Copy a method file plus this one and you have the method.
+
+Sections (banner comments below, in this order):
+  1. distributed  setup from torchrun's environment, rank-0 printing, gathers with the right gradient
+  2. data         datasets (digits, CIFAR-10/100, STL-10, ImageFolder), view recipes, epoch-seeded loaders
+  3. backbones    ResNet-18/50 (CIFAR or ImageNet stem, width multiplier), ViT-S, a tiny convnet
+  4. checkpoints  one documented format, atomic writes, strict loading with clear errors
+  5. features     un-augmented evaluation loaders and feature extraction
+  6. utilities    dataclass -> argparse, cosine schedule, JSON-lines run logger
+
+Checkpoint format (a dict saved with torch.save, loadable with weights_only=True):
+  format          "ssl-clustering/1"
+  method          "excb" | "resa" | "simclr_nscl" | ...
+  epoch, step     epochs completed and optimizer steps taken when the file was written
+  args            the run's full configuration (dict), so a checkpoint explains itself
+  backbone        {"name", "image_size", "kwargs", "feature_dim"}: enough to rebuild it with build_backbone
+  eval_encoder    which encoder is stored for evaluation: "teacher" (ExCB), "momentum" (ReSA), "online"
+  eval_backbone   state_dict of that encoder (unwrapped: no "module." prefixes)
+  heads           optional evaluation heads: {"projector": {"spec", "state"}, "normalize_output": bool,
+                  "centroids": (K, D) tensor, ...}; the projector is a layer spec + state, so monitor.py and
+                  probe.py rebuild it without importing the method file
+  data            {"dataset", "data_dir", "image_size", "mean", "std", "num_classes", "subset"}
+  train_state     everything the method needs to resume exactly (model, teacher, optimizer, method state);
+                  read only by the method that wrote it
+  torch_version   for the record
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import pickle
+import random
+import re
+import resource
+import sys
+import time
+import typing
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+import torch.nn as nn
+import torchvision
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
+from torchvision.transforms import v2
+
+# ================================================================================================
+# 1. DISTRIBUTED
+# ================================================================================================
+
+
+@dataclasses.dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    distributed: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def select_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def setup_distributed() -> DistInfo:
+    """Set up from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); plain `python` = 1 process.
+
+    NCCL on GPUs (one per process, chosen by LOCAL_RANK), gloo on CPU. The same code runs 1 GPU, N GPUs
+    and N nodes: torchrun sets the variables, we only read them.
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return DistInfo(device=select_device())
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        if not tdist.is_initialized():
+            tdist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        # Several CPU processes on one machine must share its cores, or they thrash.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        if not tdist.is_initialized():
+            tdist.init_process_group("gloo")
+    return DistInfo(rank, world, local_rank, device, True)
+
+
+def cleanup_distributed() -> None:
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()
+
+
+def get_rank() -> int:
+    return tdist.get_rank() if tdist.is_available() and tdist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
+
+
+def print0(*args, **kwargs) -> None:
+    """print on rank 0 only (never patched into builtins: other ranks' prints stay visible)."""
+    if get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed python, numpy and torch. Offsetting by rank gives ranks different dropout/noise streams;
+    model initialisation must then be synchronised (DDP broadcasts rank 0's parameters)."""
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward routes every rank's gradient back to the rank that owns the slice.
+
+    Forward: x_r (B, ...) on each rank r -> X = cat(x_0, ..., x_{W-1}) (W*B, ...) on every rank.
+    Backward: rank r' holds dL_{r'}/dX for its own loss L_{r'}. The gradient of the total loss
+    sum_{r'} L_{r'} with respect to x_r is sum_{r'} dL_{r'}/dX[slice r], so we all-reduce (sum) the
+    incoming gradient and return this rank's slice. (Returning only the local slice without the sum, as
+    some official code does, drops the other ranks' contributions.)
+    With DDP averaging parameter gradients over W ranks, a loss that is the mean over LOCAL anchors
+    against GATHERED candidates then has exactly the gradient of the global-batch mean loss.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.batch = x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(tdist.get_world_size())]
+        tdist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        tdist.all_reduce(grad, op=tdist.ReduceOp.SUM)
+        r = tdist.get_rank()
+        return grad[r * ctx.batch:(r + 1) * ctx.batch]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """(B, ...) -> (W*B, ...) in rank order, differentiable (see _GatherWithGrad). B must match on all
+    ranks (drop_last=True loaders guarantee it). Identity at world size 1."""
+    if get_world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+@torch.no_grad()
+def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
+    """(B, ...) -> (W*B, ...) in rank order, without gradient (momentum features, labels)."""
+    if get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(get_world_size())]
+    tdist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks; returns a new tensor (the input is not modified). Identity at world size 1."""
+    if get_world_size() == 1:
+        return x
+    x = x.detach().clone()
+    tdist.all_reduce(x, op=tdist.ReduceOp.SUM)
+    return x
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks; returns a new tensor. Identity at world size 1."""
+    if get_world_size() == 1:
+        return x
+    return all_reduce_sum(x) / get_world_size()
+
+
+def ddp_wrap(model: nn.Module, dist: DistInfo, **ddp_kwargs) -> nn.Module:
+    """SyncBatchNorm + DistributedDataParallel when world_size > 1; the model unchanged otherwise.
+
+    SyncBatchNorm only on CUDA: PyTorch's SyncBN has no CPU kernel, so CPU (gloo) runs, used for tests,
+    keep per-rank BatchNorm statistics.
+    """
+    if dist.world_size == 1:
+        return model
+    if dist.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank], **ddp_kwargs)
+    return nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Strip DistributedDataParallel (.module) and torch.compile (._orig_mod) wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA (no GradScaler needed: bf16 has fp32's exponent range); no-op on CPU."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak GPU memory allocated by tensors (CUDA) or the process's peak resident memory (CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+# ================================================================================================
+# 2. DATA
+# ================================================================================================
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# name: (num_classes, native image size, mean, std). Statistics from the official code bases (ReSA CIFAR).
+_DATASETS = {
+    "digits": (10, 32, (0.3053,) * 3, (0.3236,) * 3),  # computed on the 32 px upscaled images
+    "cifar10": (10, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": (100, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "stl10": (10, 96, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+    "imagefolder": (0, 224, IMAGENET_MEAN, IMAGENET_STD),
+}
+DATASETS = tuple(_DATASETS)
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The data is not where --data-dir points. The message says where we looked and how to get it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+    name: str
+    num_classes: int  # 0 = read from the folder tree (imagefolder)
+    image_size: int
+    mean: tuple
+    std: tuple
+
+
+def dataset_info(name: str, image_size: int | None = None) -> DataInfo:
+    """Class count, image size and normalisation for a dataset name. imagefolder takes ImageNet
+    statistics at >= 64 px and CIFAR-10's below (the small ImageFolder we use is the CIFAR-10 JPEG copy)."""
+    if name not in _DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    n, size, mean, std = _DATASETS[name]
+    size = image_size or size
+    if name == "imagefolder" and size < 64:
+        mean, std = _DATASETS["cifar10"][2:]
+    return DataInfo(name, n, size, tuple(mean), tuple(std))
+
+
+class ImageDataset(Dataset):
+    """(transform(image), label) pairs over any indexable source of (image, label), with the labels
+    available as a tensor (`targets`) for samplers and probes, and an optional index subset."""
+
+    def __init__(self, source, targets, classes, transform=None, indices=None, coarse_targets=None,
+                 coarse_classes=None, name=""):
+        self.source, self.transform, self.name = source, transform, name
+        targets = torch.as_tensor(np.asarray(targets), dtype=torch.long)
+        self.indices = None if indices is None else torch.as_tensor(indices, dtype=torch.long)
+        self.targets = targets if self.indices is None else targets[self.indices]
+        self.classes = list(classes)
+        self.num_classes = len(self.classes)
+        if coarse_targets is not None:
+            coarse = torch.as_tensor(np.asarray(coarse_targets), dtype=torch.long)
+            self.coarse_targets = coarse if self.indices is None else coarse[self.indices]
+            self.coarse_classes = list(coarse_classes)
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        j = int(self.indices[i]) if self.indices is not None else int(i)
+        image, _ = self.source[j]
+        label = int(self.targets[i])
+        return (self.transform(image) if self.transform is not None else image), label
+
+
+class _DigitsSource:
+    """scikit-learn's bundled handwritten digits (1,797 8x8 grey images, 10 classes), upscaled to 32x32
+    RGB uint8 so every backbone and augmentation treats them as tiny natural images. Fixed split:
+    stratified 80/20 with random_state=0 -> 1,437 train / 360 test."""
+
+    def __init__(self, split: str, size: int = 32):
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        d = load_digits()
+        idx = np.arange(len(d.target))
+        train_idx, test_idx = train_test_split(idx, test_size=0.2, stratify=d.target, random_state=0)
+        idx = train_idx if split == "train" else test_idx
+        x = torch.tensor(d.images[idx], dtype=torch.float32)[:, None] / 16.0  # (N, 1, 8, 8) in [0, 1]
+        x = nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        self.images = (x.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+        self.targets = torch.tensor(d.target[idx], dtype=torch.long)
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.targets[i])
+
+
+def _missing(what: str, path: Path, name: str, extra: str = "") -> DatasetNotFoundError:
+    return DatasetNotFoundError(
+        f"{what} not found: looked for {path}. Download it into --data-dir with --download "
+        f"(e.g. `python resa.py --dataset {name} --data-dir {path.parent} --download`), or pass the "
+        f"--data-dir that holds it.{extra}")
+
+
+def _cifar100_coarse(root: Path, train: bool):
+    """CIFAR-100's 20 superclass labels, read from the same pickles torchvision reads (it keeps only the
+    fine labels)."""
+    base = root / "cifar-100-python"
+    with open(base / ("train" if train else "test"), "rb") as f:
+        coarse = pickle.load(f, encoding="latin1")["coarse_labels"]
+    with open(base / "meta", "rb") as f:
+        names = pickle.load(f, encoding="latin1")["coarse_label_names"]
+    return coarse, names
+
+
+def build_dataset(name: str, split: str, transform=None, data_dir: str | None = None,
+                  download: bool = False, subset: int = 0, seed: int = 0,
+                  image_size: int | None = None) -> ImageDataset:
+    """Dataset of (transform(image), label) with .targets, .classes, .num_classes (CIFAR-100 also
+    .coarse_targets/.coarse_classes). split: "train" | "test" (STL-10 also "unlabeled",
+    "train+unlabeled"; their unlabeled images have label -1). subset=n keeps a class-stratified
+    random subset of n images, fixed by `seed`."""
+    if split not in ("train", "test", "unlabeled", "train+unlabeled"):
+        raise ValueError(f"unknown split {split!r}")
+    root = Path(data_dir or "data").expanduser()
+    coarse = coarse_names = None
+    if name == "digits":
+        source = _DigitsSource("train" if split == "train" else "test", image_size or 32)
+        targets, classes = source.targets, [str(c) for c in range(10)]
+    elif name in ("cifar10", "cifar100"):
+        folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+        if not folder.is_dir() and not download:
+            raise _missing(name.upper().replace("CIFAR", "CIFAR-"), folder, name)
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        source = cls(str(root), train=(split == "train"), download=download)
+        targets, classes = source.targets, source.classes
+        if name == "cifar100":
+            coarse, coarse_names = _cifar100_coarse(root, split == "train")
+    elif name == "stl10":
+        folder = root / "stl10_binary"
+        if not folder.is_dir() and not download:
+            raise _missing("STL-10", folder, name)
+        source = torchvision.datasets.STL10(str(root), split=split, download=download)
+        targets, classes = source.labels, source.classes
+    elif name == "imagefolder":
+        if split == "train":
+            folder = root / "train"
+        else:
+            folder = next((root / s for s in ("val", "test") if (root / s).is_dir()), root / "val")
+        if not folder.is_dir():
+            raise DatasetNotFoundError(
+                f"ImageFolder split {split!r} not found: looked for {folder} (expected the layout "
+                f"{root}/train/<class>/*.jpg and {root}/val/<class>/* or {root}/test/<class>/*). For the "
+                f"CIFAR-10 JPEG copy: `mkdir -p data && tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C data` "
+                f"and pass --data-dir to the folder that holds train/ and test/.")
+        source = torchvision.datasets.ImageFolder(str(folder))
+        targets, classes = source.targets, source.classes
+    else:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    indices = None
+    if subset and subset < len(targets):
+        from sklearn.model_selection import train_test_split
+
+        t = np.asarray(targets)
+        strat = t if (t >= 0).all() and np.bincount(t).min() >= 2 else None
+        indices, _ = train_test_split(np.arange(len(t)), train_size=subset, stratify=strat,
+                                      random_state=seed)
+        indices = np.sort(indices)
+    return ImageDataset(source, targets, classes, transform, indices, coarse, coarse_names, name)
+
+
+_INTERP = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC}
+
+
+class Augment:
+    """One augmented view, parametrised so each method file states its recipe (torchvision v2).
+
+    Order: random resized crop -> flip -> colour jitter -> grayscale -> Gaussian blur -> solarize ->
+    float in [0, 1] -> normalise. Works on PIL images and uint8 CHW tensors; solarize uses the PIL
+    threshold 128 on uint8. `blur_kernel=None` picks an odd kernel of ~10% of the crop (SimCLR's rule).
+    """
+
+    def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation="bilinear",
+                 flip_p=0.5, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.0,
+                 blur_sigma=(0.1, 2.0), blur_kernel=None, solarize_p=0.0, mean=IMAGENET_MEAN,
+                 std=IMAGENET_STD):
+        self.crop = v2.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio),
+                                         interpolation=_INTERP[interpolation], antialias=True)
+        ops = [v2.ToImage(), self.crop]
+        if flip_p > 0:
+            ops.append(v2.RandomHorizontalFlip(flip_p))
+        if jitter_p > 0 and jitter is not None:
+            ops.append(v2.RandomApply([v2.ColorJitter(*jitter)], p=jitter_p))
+        if gray_p > 0:
+            ops.append(v2.RandomGrayscale(gray_p))
+        if blur_p > 0:
+            k = blur_kernel or (int(0.1 * size) // 2 * 2 + 1)
+            ops.append(v2.RandomApply([v2.GaussianBlur(k, sigma=tuple(blur_sigma))], p=blur_p))
+        if solarize_p > 0:
+            ops.append(v2.RandomSolarize(threshold=128, p=solarize_p))
+        ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+        self.transform = v2.Compose(ops)
+
+    def set_scale(self, scale) -> None:
+        self.crop.scale = tuple(scale)
+
+    def __call__(self, image):
+        return self.transform(image)
+
+
+def eval_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, resize: int | None = None):
+    """Un-augmented view: Resize(resize) + CenterCrop(size) when `resize` is given (ImageNet: 256 ->
+    224), else Resize(size) (a no-op at the native size of small datasets)."""
+    ops = [v2.ToImage(), v2.Resize(resize or size, antialias=True)]
+    if resize:
+        ops.append(v2.CenterCrop(size))
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    return v2.Compose(ops)
+
+
+class MultiView:
+    """Apply each transform to the same image: [t1(x), t2(x), ...] (SimCLR's symmetric pair is
+    MultiView([t, t]); ReSA's asymmetric pair is MultiView([weak, strong]))."""
+
+    def __init__(self, transforms):
+        self.transforms = list(transforms)
+
+    def __call__(self, image):
+        return [t(image) for t in self.transforms]
+
+
+class MultiCrop:
+    """Global views plus n_local local crops: [g1, g2, ..., l1, ..., lL] (SwAV/DINO multi-crop).
+
+    With `global_min_scale` (a function epoch -> m, e.g. ExCB's cosine 0.26 -> 0.14), global crops use
+    scale (m, 1) and local crops (local_min_scale, m), so the two ranges stay complementary as m moves.
+    The loader calls set_epoch inside each worker before every sample, so the schedule reaches
+    persistent workers too.
+    """
+
+    def __init__(self, global_views, local_view=None, n_local=0, global_min_scale=None,
+                 local_min_scale=0.05):
+        self.global_views, self.local_view, self.n_local = list(global_views), local_view, n_local
+        self.global_min_scale, self.local_min_scale = global_min_scale, local_min_scale
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.global_min_scale is None:
+            return
+        m = float(self.global_min_scale(epoch))
+        for g in self.global_views:
+            g.set_scale((m, 1.0))
+        if self.local_view is not None:
+            self.local_view.set_scale((self.local_min_scale, m))
+
+    def __call__(self, image):
+        views = [g(image) for g in self.global_views]
+        return views + [self.local_view(image) for _ in range(self.n_local)]
+
+
+class _SeededViews(Dataset):
+    """Index (epoch, i) -> dataset[i] with augmentation randomness that is a pure function of
+    (seed, epoch, i). Views then do not depend on the number of workers, and a resumed run sees exactly
+    the views the uninterrupted run would have seen."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        set_epoch = getattr(getattr(self.dataset, "transform", None), "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(epoch)
+        sample_seed = int(np.random.SeedSequence([self.seed, epoch, int(i)]).generate_state(1)[0])
+        # In the main process (workers=0): leave the caller's RNG untouched, and run the many tiny
+        # per-image ops on one thread (5x faster than letting each spin up the intra-op pool).
+        in_main = torch.utils.data.get_worker_info() is None
+        threads = torch.get_num_threads()
+        if in_main and threads > 1:
+            torch.set_num_threads(1)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed)
+                return self.dataset[i]
+        finally:
+            if in_main and threads > 1:
+                torch.set_num_threads(threads)
+
+
+class _EpochBatches:
+    """Wrap a batch sampler so that it yields [(epoch, i), ...] (read by _SeededViews)."""
+
+    def __init__(self, batch_sampler):
+        self.batch_sampler, self.epoch = batch_sampler, 0
+
+    def __len__(self):
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        for batch in self.batch_sampler:
+            yield [(self.epoch, i) for i in batch]
+
+
+class EpochLoader:
+    """DataLoader over ranks: DistributedSampler (or a given batch sampler), per-rank batch size,
+    epoch-seeded augmentation, pinned memory on CUDA, persistent workers. Call set_epoch(e) first."""
+
+    def __init__(self, dataset, batch_size, dist: DistInfo, workers=0, shuffle=True, drop_last=True,
+                 seed=0, batch_sampler=None):
+        if batch_sampler is None:
+            self.sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank,
+                                              shuffle=shuffle, seed=seed, drop_last=drop_last)
+            batch_sampler = BatchSampler(self.sampler, batch_size, drop_last=drop_last)
+        else:
+            self.sampler = batch_sampler
+        self.batches = _EpochBatches(batch_sampler)
+        if len(self.batches) == 0:
+            raise ValueError(f"the loader yields no batch: {len(dataset)} images per epoch cannot fill a "
+                             f"batch of {batch_size} per rank x {dist.world_size} ranks; lower --batch-size")
+        self.loader = DataLoader(_SeededViews(dataset, seed), batch_sampler=self.batches,
+                                 num_workers=workers, pin_memory=dist.device.type == "cuda",
+                                 persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+        self.batches.epoch = epoch
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+def build_loader(dataset, batch_size, dist: DistInfo, workers=0, shuffle=True, drop_last=True, seed=0,
+                 batch_sampler=None) -> EpochLoader:
+    """Training loader; `batch_size` is PER RANK (method files derive it from the global --batch-size)."""
+    return EpochLoader(dataset, batch_size, dist, workers, shuffle, drop_last, seed, batch_sampler)
+
+
+class ClassBalancedBatchSampler:
+    """Class-balanced global batches, split over ranks (what makes NSCL well defined: every anchor keeps
+    negatives of other classes).
+
+    Per epoch, each class's indices are shuffled (seed + epoch, identical on all ranks), interleaved
+    round-robin over classes and cut into consecutive global batches of `global_batch_size`; each batch
+    then holds global_batch_size / C images of every class (+-1 when C does not divide it). Rank r takes
+    the r-th contiguous chunk of each global batch; a chunk of a round-robin sequence is itself balanced
+    (+-1), so the ranks' slices are disjoint and balanced too. The
+    incomplete last batch is dropped; every other index appears exactly once per epoch.
+    """
+
+    def __init__(self, targets, global_batch_size: int, dist: DistInfo, seed: int = 0):
+        self.targets = torch.as_tensor(np.asarray(targets), dtype=torch.long)
+        if global_batch_size % dist.world_size:
+            raise ValueError(f"batch size {global_batch_size} is not divisible by {dist.world_size} ranks")
+        self.batch, self.dist, self.seed, self.epoch = global_batch_size, dist, seed, 0
+        self.classes = torch.unique(self.targets)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.targets) // self.batch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        per_class = [torch.nonzero(self.targets == c).flatten() for c in self.classes]
+        per_class = [idx[torch.randperm(len(idx), generator=g)] for idx in per_class]
+        longest = max(len(idx) for idx in per_class)
+        order = []
+        for k in range(longest):  # round-robin: one image of each class that still has one
+            order.extend(int(idx[k]) for idx in per_class if k < len(idx))
+        for b in range(len(self)):
+            per_rank = self.batch // self.dist.world_size
+            start = b * self.batch + self.dist.rank * per_rank
+            yield order[start:start + per_rank]
+
+
+# ================================================================================================
+# 3. BACKBONES
+# ================================================================================================
+
+BACKBONES = ("resnet18", "resnet50", "vit_small", "convnet")
+
+
+def _widen_resnet(m: torchvision.models.ResNet, width: int, zero_init_residual: bool) -> None:
+    """Multiply every channel count of a torchvision ResNet by `width` (SimCLR's ResNet-50 (x2): stem,
+    bottleneck and projection convs all widened; 4096-d output), then redo torchvision's init."""
+    block = type(m.layer1[0])
+    depths = [len(m.layer1), len(m.layer2), len(m.layer3), len(m.layer4)]
+    m.inplanes, m.dilation = 64 * width, 1
+    m.conv1 = nn.Conv2d(3, 64 * width, 7, 2, 3, bias=False)
+    m.bn1 = nn.BatchNorm2d(64 * width)
+    m.layer1 = m._make_layer(block, 64 * width, depths[0])
+    m.layer2 = m._make_layer(block, 128 * width, depths[1], stride=2)
+    m.layer3 = m._make_layer(block, 256 * width, depths[2], stride=2)
+    m.layer4 = m._make_layer(block, 512 * width, depths[3], stride=2)
+    m.fc = nn.Linear(512 * width * block.expansion, 1000)
+    for mod in m.modules():
+        if isinstance(mod, nn.Conv2d):
+            nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(mod, nn.BatchNorm2d):
+            nn.init.ones_(mod.weight)
+            nn.init.zeros_(mod.bias)
+    if zero_init_residual:
+        for mod in m.modules():
+            if isinstance(mod, torchvision.models.resnet.Bottleneck):
+                nn.init.zeros_(mod.bn3.weight)
+            elif isinstance(mod, torchvision.models.resnet.BasicBlock):
+                nn.init.zeros_(mod.bn2.weight)
+
+
+def build_backbone(name: str, image_size: int, zero_init_residual: bool = False, width: int = 1,
+                   cifar_stem: bool | None = None) -> tuple[nn.Module, int]:
+    """Encoder (B, 3, H, W) -> pooled features (B, feature_dim), classifier removed.
+
+    resnet18 / resnet50: torchvision's, random init. cifar_stem (default: image_size <= 64) swaps the 7x7
+      stride-2 conv + max-pool for a 3x3 stride-1 conv, the standard for 32 px images (the swapped conv
+      keeps PyTorch's default init, as in the ReSA and NSCL official code). zero_init_residual zeroes
+      the last BN gamma of each block (ReSA ImageNet and ExCB: on; ReSA CIFAR: off). width multiplies
+      all channels (2 = the NSCL paper's ResNet-50 x2, 4096-d).
+    vit_small: ViT-S (12 layers, 6 heads, 384-d, class token), patch 16 at >= 128 px, else 4.
+    convnet: 4 conv-BN-ReLU layers, 128-d, for CPU demos and tests.
+    """
+    cifar_stem = image_size <= 64 if cifar_stem is None else cifar_stem
+    if name in ("resnet18", "resnet50"):
+        m = getattr(torchvision.models, name)(weights=None, zero_init_residual=zero_init_residual)
+        if width != 1:
+            _widen_resnet(m, width, zero_init_residual)
+        if cifar_stem:
+            m.conv1 = nn.Conv2d(3, m.bn1.num_features, 3, 1, 1, bias=False)
+            m.maxpool = nn.Identity()
+        dim = m.fc.in_features
+        m.fc = nn.Identity()
+    elif name == "vit_small":
+        patch = 16 if image_size >= 128 else 4
+        if image_size % patch:
+            raise ValueError(f"vit_small needs an image size divisible by its patch size {patch}")
+        m = torchvision.models.VisionTransformer(image_size, patch, num_layers=12, num_heads=6,
+                                                hidden_dim=384, mlp_dim=1536)
+        m.heads, dim = nn.Identity(), 384
+    elif name == "convnet":
+        layers, c_in = [], 3
+        for c_out, stride in ((32, 1), (64, 2), (128, 2), (128, 2)):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out),
+                       nn.ReLU(inplace=True)]
+            c_in = c_out
+        m, dim = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), 128
+    else:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    m.feature_dim = dim
+    return m, dim
+
+
+def backbone_spec(name: str, image_size: int, **kwargs) -> dict:
+    """What a checkpoint records to rebuild the backbone: build_backbone(name, image_size, **kwargs)."""
+    return {"name": name, "image_size": int(image_size), "kwargs": dict(kwargs)}
+
+
+# ================================================================================================
+# 4. CHECKPOINTS
+# ================================================================================================
+
+FORMAT = "ssl-clustering/1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, damaged, foreign, of another method, or does not fit the model."""
+
+
+_HEAD_LAYERS = {"Linear", "BatchNorm1d", "ReLU", "GELU", "LayerNorm", "Identity", "Sequential"}
+
+
+def _layer_spec(module: nn.Module) -> list:
+    """A head (nn.Sequential of torch.nn layers) as a plain list, so it loads without the method file."""
+    kind = type(module).__name__
+    if kind not in _HEAD_LAYERS:
+        raise TypeError(f"cannot store head layer {kind}: heads must be built from {sorted(_HEAD_LAYERS)}")
+    if kind == "Sequential":
+        return [kind, [_layer_spec(c) for c in module]]
+    if kind == "Linear":
+        return [kind, module.in_features, module.out_features, module.bias is not None]
+    if kind == "BatchNorm1d":
+        return [kind, module.num_features, module.eps, module.momentum, module.affine]
+    if kind == "LayerNorm":
+        return [kind, list(module.normalized_shape), module.eps, module.elementwise_affine]
+    return [kind]
+
+
+def _build_layer(spec: list) -> nn.Module:
+    kind, *a = spec
+    if kind == "Sequential":
+        return nn.Sequential(*[_build_layer(s) for s in a[0]])
+    if kind == "Linear":
+        return nn.Linear(a[0], a[1], bias=a[2])
+    if kind == "BatchNorm1d":
+        return nn.BatchNorm1d(a[0], eps=a[1], momentum=a[2], affine=a[3])
+    if kind == "LayerNorm":
+        return nn.LayerNorm(a[0], eps=a[1], elementwise_affine=a[2])
+    return {"ReLU": nn.ReLU, "GELU": nn.GELU, "Identity": nn.Identity}[kind]()
+
+
+def _plain(x):
+    """Configuration -> only types torch.load(weights_only=True) accepts."""
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        x = dataclasses.asdict(x)
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)
+
+
+def make_checkpoint(method: str, epoch: int, step: int, args, backbone_spec: dict, eval_backbone: nn.Module,
+                    eval_encoder: str, data_info: DataInfo, train_state: dict, heads: dict | None = None,
+                    data_dir: str | None = None, subset: int = 0) -> dict:
+    """Assemble a checkpoint in the format of this module's docstring."""
+    eval_backbone = unwrap(eval_backbone)
+    spec = dict(backbone_spec)
+    spec.setdefault("feature_dim", int(getattr(eval_backbone, "feature_dim", 0)))
+    stored_heads = {}
+    for key, value in (heads or {}).items():
+        if isinstance(value, nn.Module):
+            value = unwrap(value)
+            stored_heads[key] = {"spec": _layer_spec(value), "state": value.state_dict()}
+        elif isinstance(value, torch.Tensor):
+            stored_heads[key] = value.detach().cpu().clone()
+        else:
+            stored_heads[key] = _plain(value)
+    a = _plain(args)
+    return {
+        "format": FORMAT, "method": method, "epoch": int(epoch), "step": int(step), "args": a,
+        "backbone": _plain(spec), "eval_encoder": eval_encoder,
+        "eval_backbone": eval_backbone.state_dict(), "heads": stored_heads,
+        "data": {"dataset": data_info.name, "data_dir": data_dir if data_dir is not None else a.get("data_dir"),
+                 "image_size": data_info.image_size, "mean": list(data_info.mean),
+                 "std": list(data_info.std), "num_classes": data_info.num_classes,
+                 "subset": int(subset or a.get("train_subset", 0) or 0)},
+        "train_state": train_state, "torch_version": str(torch.__version__),
+    }
+
+
+def save_checkpoint(path, state: dict) -> Path:
+    """Write atomically: a temporary file in the same folder, fsync, then os.replace. A crash or kill
+    mid-write leaves the previous file at `path` intact (the temporary name is not *.pt, so run
+    directories never list it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path, method: str | None = None) -> dict:
+    """Load and validate one of our checkpoints (on CPU). `method` checks which script wrote it."""
+    p = Path(path)
+    if p.is_dir():
+        raise CheckpointError(f"{p} is a directory; pass one checkpoint file (*.pt)")
+    if not p.is_file():
+        raise CheckpointError(f"{p}: no such checkpoint file")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated copies, foreign pickles, random bytes
+        raise CheckpointError(f"{p} cannot be read as a PyTorch checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]}); the file is damaged or not ours. Use "
+                              f"another checkpoint of the run.") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{p} is not an ssl-clustering checkpoint (expected format {FORMAT!r}; "
+                              f"found {keys}). Checkpoints of the official ExCB/ReSA/NSCL code must be "
+                              f"converted first.")
+    if method is not None and ckpt["method"] != method:
+        raise CheckpointError(f"{p} was written by {ckpt['method']}.py (method {ckpt['method']!r}), not "
+                              f"{method}.py; resume it with {ckpt['method']}.py")
+    return ckpt
+
+
+def checkpoint_meta(ckpt: dict, path=None) -> dict:
+    """Everything about a checkpoint except its tensors."""
+    meta = {k: ckpt[k] for k in ("format", "method", "epoch", "step", "args", "backbone", "eval_encoder",
+                                 "data", "torch_version") if k in ckpt}
+    meta["heads"] = sorted(ckpt.get("heads", {}))
+    meta["path"] = str(path) if path is not None else None
+    return meta
+
+
+def load_backbone(path_or_ckpt) -> tuple[nn.Module, dict]:
+    """Rebuild the evaluation encoder from a checkpoint alone -> (module on CPU in eval mode, meta)."""
+    ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else load_checkpoint(path_or_ckpt)
+    path = None if isinstance(path_or_ckpt, dict) else path_or_ckpt
+    spec = ckpt["backbone"]
+    model, _ = build_backbone(spec["name"], spec["image_size"], **spec.get("kwargs", {}))
+    try:
+        model.load_state_dict(ckpt["eval_backbone"], strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path or 'checkpoint'}: its weights do not fit a {spec['name']} built from "
+                              f"its own spec {spec} ({str(e).splitlines()[0]})") from None
+    return model.eval(), checkpoint_meta(ckpt, path)
+
+
+def load_heads(path_or_ckpt) -> dict:
+    """Evaluation heads of a checkpoint: {"projector": nn.Sequential (eval mode), "centroids": tensor,
+    "normalize_output": bool, ...}; only the keys that were stored."""
+    ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else load_checkpoint(path_or_ckpt)
+    heads = {}
+    for key, value in ckpt.get("heads", {}).items():
+        if isinstance(value, dict) and "spec" in value:
+            module = _build_layer(value["spec"])
+            module.load_state_dict(value["state"], strict=True)
+            heads[key] = module.eval()
+        else:
+            heads[key] = value
+    return heads
+
+
+def list_checkpoints(path) -> list[Path]:
+    """A checkpoint file -> [it]; a run directory -> its *.pt files in epoch order (the last number
+    in the file name, e.g. ckpt_epoch0010.pt)."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: no such checkpoint file or run directory")
+    files = list(p.glob("*.pt"))
+    if not files:
+        raise CheckpointError(f"no checkpoints (*.pt) in {p}; train into it first, e.g. "
+                              f"`python resa.py --preset digits --output-dir {p}`")
+
+    def key(f):
+        nums = re.findall(r"\d+", f.stem)
+        return (int(nums[-1]) if nums else -1, f.name)
+
+    return sorted(files, key=key)
+
+
+# ================================================================================================
+# 5. FEATURES
+# ================================================================================================
+
+
+def eval_loader(meta_or_data: dict, split: str, data_dir: str | None = None, batch_size: int = 256,
+                workers: int = 0, subset: int = 0, dataset: str | None = None) -> DataLoader:
+    """Un-augmented (x, y) batches of a checkpoint's dataset (or of `dataset`, for transfer), at the
+    checkpoint's image size. Normalisation: the checkpoint's own for its dataset, the target's for
+    transfer. ImageNet-size images get Resize(size * 8/7) + CenterCrop(size) (256 -> 224)."""
+    data = meta_or_data.get("data", meta_or_data)
+    name = dataset or data["dataset"]
+    size = int(data["image_size"])
+    if name == data["dataset"]:
+        mean, std = data["mean"], data["std"]
+    else:
+        info = dataset_info(name, size)
+        mean, std = info.mean, info.std
+    resize = round(size * 8 / 7) if size >= 128 else None
+    ds = build_dataset(name, split, eval_transform(size, mean, std, resize),
+                       data_dir if data_dir is not None else data.get("data_dir"), subset=subset,
+                       image_size=size if name == "digits" else None)
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      pin_memory=torch.cuda.is_available())
+
+
+def extract_features(model: nn.Module, loader, device: torch.device | None = None):
+    """-> (features float32 (N, D) on CPU, labels long (N,)), in eval mode under inference_mode, bf16
+    autocast on CUDA. Features stay on the device until the end: one transfer, no per-batch sync."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    feats, labels = [], []
+    with torch.inference_mode(), autocast(device):
+        for x, y in loader:
+            x = x.to(device, non_blocking=True)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            feats.append(model(x).float())
+            labels.append(torch.as_tensor(y))
+    return torch.cat(feats).cpu(), torch.cat(labels).long().cpu()
+
+
+# ================================================================================================
+# 6. UTILITIES
+# ================================================================================================
+
+
+def _arg_type(tp):
+    """Field annotation -> (argparse type, nargs)."""
+    origin, targs = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        inner = [a for a in targs if a is not type(None)]
+        return _arg_type(inner[0])
+    if origin in (tuple, list):
+        if origin is tuple and targs and targs[-1] is not Ellipsis:
+            return targs[0], len(targs)
+        return (targs[0] if targs else str), "+"
+    return tp, None
+
+
+def parse_args(cls, presets: dict, argv=None):
+    """Dataclass -> command line. Every field becomes --field-name with its default and its
+    metadata["help"]; bools get --x/--no-x. `--preset NAME` is applied first and later flags override it.
+    `--help` lists every preset's values."""
+    hints = typing.get_type_hints(cls)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default=None)
+    known, _ = pre.parse_known_args(argv)
+    defaults = {}
+    for f in dataclasses.fields(cls):
+        defaults[f.name] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if known.preset is not None:
+        if known.preset not in presets:
+            sys.exit(f"error: unknown preset {known.preset!r}; choose one of {', '.join(presets)}")
+        unknown = set(presets[known.preset]) - set(defaults)
+        if unknown:
+            raise KeyError(f"preset {known.preset!r} sets unknown fields {sorted(unknown)}")
+        defaults.update(presets[known.preset])
+    epilog = "presets (later flags override them):\n" + "\n".join(
+        f"  {name}: " + ", ".join(f"{k}={v}" for k, v in values.items()) for name, values in presets.items())
+    parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0],
+                                     epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=list(presets), help="hyperparameter preset (see below)")
+    for f in dataclasses.fields(cls):
+        if f.name == "preset":
+            continue
+        flag, help_text = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
+        help_text = f"{help_text} (default: {defaults[f.name]})"
+        tp = hints[f.name]
+        if tp is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=defaults[f.name], help=help_text)
+            continue
+        typ, nargs = _arg_type(tp)
+        parser.add_argument(flag, dest=f.name, type=typ, nargs=nargs, default=defaults[f.name],
+                            help=help_text)
+    ns = vars(parser.parse_args(argv))
+    ns.pop("preset", None)
+    for f in dataclasses.fields(cls):  # nargs gives lists; keep the dataclass's tuple types
+        if isinstance(ns.get(f.name), list) and typing.get_origin(hints[f.name]) is tuple:
+            ns[f.name] = tuple(ns[f.name])
+    if "preset" in {f.name for f in dataclasses.fields(cls)}:
+        ns["preset"] = known.preset or ""
+    return cls(**ns)
+
+
+def cosine_schedule(step: int, total_steps: int, base: float, final: float = 0.0, warmup_steps: int = 0,
+                    warmup_start: float = 0.0) -> float:
+    """Linear warm-up from warmup_start to base over warmup_steps, then a half cosine from base to final
+    over the remaining steps (a pure function of the global step, so resuming needs no scheduler state)."""
+    if step < warmup_steps:
+        return warmup_start + (base - warmup_start) * step / warmup_steps
+    span = max(total_steps - warmup_steps, 1)
+    t = min(step - warmup_steps, span) / span
+    return final + 0.5 * (base - final) * (1.0 + math.cos(math.pi * t))
+
+
+def _item(v):
+    return v.item() if isinstance(v, torch.Tensor) else v
+
+
+class RunLogger:
+    """RUN_DIR/log.jsonl (one JSON object per line) plus one console line per log step, rank 0 only.
+
+    step_line() is the only place that turns tensors into Python numbers (.item() = a host-device sync),
+    so call it at log steps only. Rates are measured over the window since the previous call.
+    """
+
+    def __init__(self, run_dir, dist: DistInfo, total_steps: int, start_step: int = 0):
+        self.path = Path(run_dir) / "log.jsonl"
+        self.dist, self.total = dist, total_steps
+        self.last_time, self.last_step = time.perf_counter(), start_step
+        if dist.is_main:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, record: dict) -> None:
+        if self.dist.is_main:
+            record = {k: _item(v) for k, v in record.items()}
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+    def step_line(self, epoch: int, step: int, loss, lr: float, images_per_step: int,
+                  extra: dict | None = None) -> dict:
+        """images_per_step: images (not views) per optimizer step over all ranks (the global batch)."""
+        if self.dist.device.type == "cuda":
+            torch.cuda.synchronize(self.dist.device)
+        now = time.perf_counter()
+        steps = max(step - self.last_step, 1)
+        step_time = (now - self.last_time) / steps
+        self.last_time, self.last_step = now, step
+        rec = {"epoch": epoch, "step": step, "loss": _item(loss), "sched/lr": lr,
+               "perf/images_per_s": images_per_step / step_time, "perf/step_time_s": step_time,
+               "perf/peak_mem_gb": peak_memory_gb(self.dist.device),
+               "perf/eta_s": (self.total - step) * step_time}
+        rec.update({k: _item(v) for k, v in (extra or {}).items()})
+        self.log(rec)
+        if self.dist.is_main:
+            eta = int(rec["perf/eta_s"])
+            extras = " ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in rec.items()
+                              if k not in ("epoch", "step", "loss", "sched/lr") and not k.startswith("perf/")
+                              and isinstance(v, (int, float)))
+            print(f"ep {epoch} step {step}/{self.total} loss {rec['loss']:.4f} lr {lr:.3g} "
+                  f"{rec['perf/images_per_s']:.0f} img/s {step_time * 1000:.0f} ms/step "
+                  f"mem {rec['perf/peak_mem_gb']:.2f} GB eta {eta // 3600}:{eta % 3600 // 60:02d}:"
+                  f"{eta % 60:02d} {extras}".rstrip(), flush=True)
+        return rec
+
+
+def run(main) -> None:
+    """Run a script's main(); our own input errors (missing data, bad checkpoint) print one clear line
+    and exit with status 2 instead of a traceback."""
+    try:
+        main()
+    except (DatasetNotFoundError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
