@@ -121,8 +121,11 @@ def print0(*args, **kwargs) -> None:
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:
-    """Seed python, numpy and torch. Offsetting by rank gives ranks different dropout/noise streams;
-    model initialisation must then be synchronised (DDP broadcasts rank 0's parameters)."""
+    """Seed python, numpy and torch with seed + rank.
+
+    Build every network with rank=0 (the same seed on all ranks): DDP broadcasts only the wrapped
+    model's parameters, so a teacher/momentum copy built after a rank-offset seed would differ between
+    ranks. Re-seed with the rank afterwards if ranks need different noise streams."""
     random.seed(seed + rank)
     np.random.seed((seed + rank) % 2**32)
     torch.manual_seed(seed + rank)
@@ -377,8 +380,8 @@ def build_dataset(name: str, split: str, transform=None, data_dir: str | None = 
             raise DatasetNotFoundError(
                 f"ImageFolder split {split!r} not found: looked for {folder} (expected the layout "
                 f"{root}/train/<class>/*.jpg and {root}/val/<class>/* or {root}/test/<class>/*). For the "
-                f"CIFAR-10 JPEG copy: `mkdir -p data && tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C data` "
-                f"and pass --data-dir to the folder that holds train/ and test/.")
+                f"CIFAR-10 JPEG copy: `mkdir -p data/cifar10-jpeg && tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C data/cifar10-jpeg` "
+                f"and pass --data-dir data/cifar10-jpeg --image-size 32.")
         source = torchvision.datasets.ImageFolder(str(folder))
         targets, classes = source.targets, source.classes
     else:
@@ -701,8 +704,11 @@ _HEAD_LAYERS = {"Linear", "BatchNorm1d", "ReLU", "GELU", "LayerNorm", "Identity"
 
 
 def _layer_spec(module: nn.Module) -> list:
-    """A head (nn.Sequential of torch.nn layers) as a plain list, so it loads without the method file."""
+    """A head (nn.Sequential of torch.nn layers) as a plain list, so it loads without the method file.
+    SyncBatchNorm (multi-GPU runs) is stored as the BatchNorm1d it is at evaluation: same state keys."""
     kind = type(module).__name__
+    if kind == "SyncBatchNorm":
+        kind = "BatchNorm1d"
     if kind not in _HEAD_LAYERS:
         raise TypeError(f"cannot store head layer {kind}: heads must be built from {sorted(_HEAD_LAYERS)}")
     if kind == "Sequential":

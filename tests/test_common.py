@@ -325,3 +325,16 @@ def test_run_logger_writes_jsonl_and_console(tmp_path, capsys):
     stored = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
     assert stored["loss"] == 1.5 and stored["excb/empty"] == 3 and stored["perf/images_per_s"] > 0
     assert math.isclose(rec["perf/eta_s"], 90 * rec["perf/step_time_s"])
+
+
+def test_synced_batchnorm_heads_are_stored_as_batchnorm(tmp_path):
+    ckpt, model, _ = _checkpoint()
+    head = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.Linear(128, 8), nn.BatchNorm1d(8)))
+    with torch.no_grad():
+        head[1].running_mean.fill_(0.5)
+    ckpt["heads"] = common.make_checkpoint("resa", 0, 0, {}, common.backbone_spec("convnet", 32), model,
+                                           "online", common.dataset_info("digits"), {},
+                                           heads={"projector": head})["heads"]
+    path = common.save_checkpoint(tmp_path / "c.pt", ckpt)
+    loaded = common.load_heads(path)["projector"]
+    assert isinstance(loaded[1], nn.BatchNorm1d) and torch.equal(loaded[1].running_mean, torch.full((8,), 0.5))

@@ -1,0 +1,403 @@
+r"""ReSA: Representation Self-Assignment, one file.
+
+Paper:   X. Weng, J. An, X. Ma, B. Qi, J. Luo, X. Yang, J. S. Dong, L. Huang,
+         "Clustering Properties of Self-Supervised Learning", ICML 2025, arXiv 2501.18452.
+Official code (Apache-2.0): github.com/winci-ai/resa (ImageNet, e7869d1: method/resa.py, method/base.py,
+src/model.py, src/transform.py, src/utils.py, args.py) and github.com/winci-ai/resa_cifar (CIFAR, bc5d70a).
+
+Idea: the ENCODER output H clusters better than the projector output Z, so H teaches Z. Sinkhorn-Knopp turns
+the cosine self-similarity of the (online x momentum) weak-view encodings into a soft "who goes with whom"
+assignment A (no gradient, no prototypes); a cross-entropy makes the softmax over cross-view embedding
+similarities match A. We follow the FINAL official code (Mar/Apr 2025): A has local rows x global columns
+and the same A serves both view orderings; the paper's two-sided Eq. (3) is behind --two-sided.
+
+Read beside the paper's method section and its Appendix-B pseudo-code. Every line that implements the paper
+carries a tag (`# Eq. (3)`, `# App. B`), `# OFFICIAL:` where we follow the code over the paper, and
+`# DEVIATION:` where we differ, so `grep -n "Eq\.\|App\. B\|OFFICIAL\|DEVIATION" resa.py` prints the map.
+Only Eq. (3)'s number could be checked (the full text was not available); other pieces cite App. B.
+
+Commands (expected time / result):
+  python resa.py --preset digits --output-dir runs/resa_digits    # CPU: 160 s on 2 busy cores, see Measured
+  python probe.py runs/resa_digits                                # k-NN / linear / few-shot per checkpoint
+  python resa.py --preset cifar10 --data-dir data --download --output-dir runs/resa_c10  # 1 GPU, 1000 ep
+  torchrun --nproc_per_node=8 resa.py --preset imagenet --data-dir /data/imagenet --output-dir runs/in1k
+  torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \
+      resa.py --preset imagenet_bs1024 --data-dir /data/imagenet --output-dir runs/in1k_1024
+  --batch-size is GLOBAL: the same preset gives the same optimisation at any GPU count.
+
+Measured (CPU, torch 2.14.1, 2 cores shared with other jobs, OMP_NUM_THREADS=1, seed 0, one run each;
+momentum-encoder k-NN, DINO cosine k=20, at initialisation -> end; details in docs/readme_resa.md):
+  digits preset, 6 epochs: 159 s, 53-67 img/s; k-NN 94.4 -> 95.6 % (360 test images)
+  CIFAR-10 JPEG, 5,000-image train subset, convnet 32 px, 3 epochs: 581 s, 24-29 img/s;
+      k-NN 30.3 -> 33.4 % (10,000 test images; 5-NN Euclidean 27.7 -> 29.5 %)
+  cifar10 / imagenet presets on GPUs: unmeasured (no GPU in this session)
+"""
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+def _f(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Args:
+    # --- method (App. B; the paper says these need no tuning) ---
+    temperature: float = _f(0.4, "tau, softmax temperature of the embedding similarities in the loss")
+    sk_eps: float = _f(0.05, "epsilon, Sinkhorn-Knopp entropic temperature on the encoder cosine similarities")
+    sk_iters: int = _f(3, "Sinkhorn-Knopp iterations")
+    ema_base: float = _f(0.996, "momentum-encoder EMA coefficient at step 0; cosine to 1 at the end, per step")
+    two_sided: bool = _f(False, "paper Eq. (3): add the column cross-entropy (A^T); default = final official code")
+    proj_hidden: int = _f(2048, "projector hidden width")
+    emb_dim: int = _f(512, "embedding dimension (projector output)")
+    predictor: bool = _f(False, "online-only predictor MLP (official ImageNet code: on; CIFAR code: none)")
+    head_style: str = _f("resnet", "resnet: Linear-BN-ReLU heads; vit: GELU heads without BN (deleted ViT code)")
+    # --- views (view 0 weak, view 1 strong, then optional extra strong crops) ---
+    crop_min_scale: float = _f(0.2, "RandomResizedCrop lower scale of views 0 and 1 (official 0.2)")
+    blur_p: float = _f(0.0, "Gaussian-blur probability of the strong view (0 at 32 px, 0.5 at 224 px)")
+    solarize_p: float = _f(0.2, "solarization probability of the strong view")
+    extra_crops: int = _f(0, "extra small strong crops (online branch only); 0 = the paper's 2 views")
+    extra_crop_size: int = _f(96, "pixel size of the extra crops")
+    extra_crop_scale: tuple[float, float] = _f((0.05, 0.14), "RandomResizedCrop scale range of the extra crops")
+    # --- optimisation (paper Table 8) ---
+    optimizer: str = _f("sgd", "sgd (momentum 0.9) or adamw")
+    epochs: int = _f(1000, "training epochs")
+    batch_size: int = _f(256, "GLOBAL batch over all ranks (per-rank = batch_size / world_size)")
+    lr: float = _f(0.3, "base learning rate per 256 images; actual lr = lr * batch_size / 256")
+    final_lr_ratio: float = _f(0.1, "cosine floor as a fraction of lr (official SGD: 0.1, not 0)")
+    weight_decay: float = _f(1e-4, "weight decay on ALL parameters, BN and biases included (official)")
+    warmup_epochs: float = _f(2, "linear lr warm-up from 0, per step")
+    # --- data / system ---
+    preset: str = _f("", "hyperparameter preset, applied first (see the list below)")
+    dataset: str = _f("cifar10", "digits | cifar10 | cifar100 | stl10 | imagefolder")
+    data_dir: str | None = _f(None, "dataset root (imagefolder: the folder holding train/)")
+    download: bool = _f(False, "download torchvision datasets if missing")
+    image_size: int = _f(0, "training resolution; 0 = the dataset's native size")
+    train_subset: int = _f(0, "class-stratified subset of the train split; 0 = all")
+    backbone: str = _f("resnet18", "resnet18 | resnet50 | vit_small | convnet")
+    zero_init_residual: bool = _f(False, "zero-init the last BN of each residual block (official: not for R18)")
+    workers: int = _f(8, "data-loading workers per rank")
+    seed: int = _f(0, "random seed")
+    output_dir: str = _f("runs/resa", "run directory: log.jsonl and ckpt_epoch*.pt")
+    save_every: int = _f(50, "checkpoint every N epochs (plus epoch 0 and the last)")
+    resume: str = _f("", "checkpoint to resume from (strict: model, momentum, optimizer, step)")
+    compile: bool = _f(False, "torch.compile the online and momentum networks")
+    log_every: int = _f(50, "log every N steps")
+
+
+PRESETS = {
+    # Table 8 + official resa_cifar/args.py (1000 epochs, no predictor, fp32 there, no blur at 32 px).
+    "cifar10": dict(dataset="cifar10", backbone="resnet18", epochs=1000, batch_size=256, lr=0.3,
+                    weight_decay=1e-4, warmup_epochs=2, predictor=False, blur_p=0.0),
+    "cifar100": dict(dataset="cifar100", backbone="resnet18", epochs=1000, batch_size=256, lr=0.3,
+                     weight_decay=1e-4, warmup_epochs=2, predictor=False, blur_p=0.0),
+    # Table 8 (bs 128, lr 0.5, wd 2.5e-5, warm-up 2) + Table 3 caption (400 epochs). No official IN-100
+    # config exists; predictor, blur and zero-init follow the ImageNet code [unverified for IN-100].
+    "imagenet100": dict(dataset="imagefolder", image_size=224, backbone="resnet18", epochs=400,
+                        batch_size=128, lr=0.5, weight_decay=2.5e-5, warmup_epochs=2, predictor=True,
+                        blur_p=0.5, zero_init_residual=True),
+    # Table 8 + official resa/args.py and README (100 or 200 epochs at bs 256; 25 GB on one GPU with AMP).
+    "imagenet": dict(dataset="imagefolder", image_size=224, backbone="resnet50", epochs=200, batch_size=256,
+                     lr=0.5, weight_decay=1e-5, warmup_epochs=2, predictor=True, blur_p=0.5,
+                     zero_init_residual=True),
+    # Table 8 + official README (`--warmup_epochs 10`, 4 x 256; 100/200/800 epochs, 800 uses lr 0.4).
+    "imagenet_bs1024": dict(dataset="imagefolder", image_size=224, backbone="resnet50", epochs=200,
+                            batch_size=1024, lr=0.5, weight_decay=1e-5, warmup_epochs=10, predictor=True,
+                            blur_p=0.5, zero_init_residual=True),
+    # Table 8 (AdamW, bs 1024, lr 5e-4, wd 0.1, warm-up 40) + the ViT code deleted from the official repo
+    # in Apr 2025 (300 epochs, final lr 1e-4, GELU heads without BN) [unverified: the lr scaling rule].
+    "vit_small": dict(dataset="imagefolder", image_size=224, backbone="vit_small", epochs=300, batch_size=1024,
+                      optimizer="adamw", lr=5e-4, final_lr_ratio=0.2, weight_decay=0.1, warmup_epochs=40,
+                      predictor=True, head_style="vit", blur_p=0.5),
+    # Ours: CPU demo (scikit-learn digits, tiny convnet, small heads). The digits are 8x8 images, so 16 px
+    # loses nothing and costs a quarter of 32 px; the short run needs a faster EMA to move the momentum net.
+    "digits": dict(dataset="digits", image_size=16, backbone="convnet", epochs=6, batch_size=128, lr=0.3,
+                   weight_decay=1e-4, warmup_epochs=1, proj_hidden=256, emb_dim=64, ema_base=0.99,
+                   workers=0, save_every=2, log_every=11),
+}
+
+
+# ===================================== METHOD: ReSA, paper method section + App. B ======================
+# Symbols (shapes per step):
+#   V views (0 weak, 1 strong, 2.. extra strong crops); B local batch; W world size; N = B * W global batch
+#   H_v = f(x_v)            (B, D)  online ENCODER output (pooled backbone feature)
+#   Z_v = n(p(g(H_v)))      (B, E)  online embedding (g projector, p optional predictor, n = L2 norm)
+#   Hbar_0 = fbar(x_0)      (B, D)  MOMENTUM encoding of the weak view (gathered to (N, D) for the columns of A)
+#   Zbar_v = n(gbar(fbar(x_v))) (N, E)  momentum embeddings of views 0 and 1, gathered over ranks, no gradient
+#   A = SK(n(H_0) n(Hbar_0)^T)  (B, N)  self-assignment: local rows x global columns, rows sum to 1
+#   tau = 0.4 (loss temperature), eps = 0.05 (Sinkhorn temperature), m: EMA coefficient 0.996 -> 1
+
+
+def build_projector(in_dim, hidden=2048, out=512, style="resnet"):
+    """g: 3-layer MLP (App. B: 2048 hidden, 512 out). Plain torch.nn layers so the checkpoint can store it."""
+    if style == "vit":  # deleted official ViT head: GELU, no BN [unverified beyond that]
+        return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                             nn.Linear(hidden, out))
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+        nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+        nn.Linear(hidden, out),
+        nn.BatchNorm1d(out, affine=False),  # OFFICIAL: src/model.py: non-affine BN before the L2 norm
+    )
+
+
+def build_predictor(dim=512, hidden=2048, style="resnet"):
+    """p: OFFICIAL resa src/model.py (ImageNet only, on by default; online branch only)."""
+    if style == "vit":
+        return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+    return nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, dim))
+
+
+class ReSANet(nn.Module):
+    """Encoder f, projector g, optional predictor p. forward(list of views) -> ([H_v], [Z_v]).
+
+    Each view goes through the network on its own, so BatchNorm sees per-view statistics (OFFICIAL:
+    method/base.py warns that concatenating views changes the method). One forward call takes all views so
+    DDP sees a single forward per step."""
+
+    def __init__(self, encoder, projector, predictor=None):
+        super().__init__()
+        self.encoder, self.projector = encoder, projector
+        self.predictor = predictor if predictor is not None else nn.Identity()
+
+    def forward(self, views):
+        H = [self.encoder(x) for x in views]                                   # V x (B, D)
+        Z = [F.normalize(self.predictor(self.projector(h)), dim=1) for h in H]  # V x (B, E)
+        return H, Z
+
+
+def ema_momentum(step, total_steps, base=0.996):
+    """App. B: m goes from `base` to 1 on a half cosine, per step, no warm-up (OFFICIAL: src/utils.py)."""
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * step / total_steps) + 1.0) / 2.0
+
+
+@torch.no_grad()
+def ema_update_(momentum_params, online_params, m):
+    """theta_bar <- m * theta_bar + (1 - m) * theta, parameters only: BN running statistics of the momentum
+    net evolve by themselves, since it runs in train mode (OFFICIAL: method/resa.py)."""
+    torch._foreach_lerp_(momentum_params, online_params, 1.0 - m)  # one fused kernel per tensor group
+
+
+@torch.no_grad()
+def sinkhorn_knopp(scores, eps=0.05, iters=3):
+    """App. B: SK(S) for S (B, N) = local rows of the global (N_rows, N) similarity matrix -> A (B, N).
+
+    Alternately scales the columns and rows of Q = exp(S / eps) so that the GLOBAL matrix has uniform
+    marginals (each column sums to 1/N, each row to 1/N_rows). Column sums run over every rank's rows, hence
+    the all-reduce; row sums are local. Ends on a row step, then rescales so every row sums to exactly 1;
+    columns are then only approximately uniform (3 iterations). float32 throughout: exp(1 / 0.05) = e^20
+    overflows float16, and bf16 would blur the scores by ~8% after dividing by eps. Cosine scores are in
+    [-1, 1], so exp(S / eps) <= e^20 needs no max-shift in float32."""
+    n_rows = scores.shape[0] * common.get_world_size()  # every rank holds the same number of rows
+    n_cols = scores.shape[1]
+    with torch.autocast(scores.device.type, enabled=False):
+        Q = torch.exp(scores.float() / eps)                                   # (B, N)
+        Q /= common.all_reduce_sum(Q.sum())                                   # total mass 1
+        for _ in range(iters):
+            Q /= common.all_reduce_sum(Q.sum(dim=0, keepdim=True)) * n_cols  # columns now sum to 1/N
+            Q /= Q.sum(dim=1, keepdim=True) * n_rows                         # rows now sum to 1/N_rows
+        return Q * n_rows                                                     # rows sum to 1
+
+
+@torch.no_grad()
+def self_assignment(h_online, h_momentum, eps=0.05, iters=3):
+    """A = SK(n(H_0) n(Hbar_0)^T): (B, D) online and (B, D) momentum weak-view ENCODINGS -> (B, N).
+
+    OFFICIAL (final code of both repos): rows from the ONLINE encoder (detached), columns from the MOMENTUM
+    encoder gathered over ranks; both on the weak view 0; encoder output, not projector output."""
+    with torch.autocast(h_online.device.type, enabled=False):
+        h = F.normalize(h_online.detach().float(), dim=1)                         # (B, D)
+        h_bar = common.all_gather_nograd(F.normalize(h_momentum.float(), dim=1))  # (N, D)
+        return sinkhorn_knopp(h @ h_bar.T, eps, iters)                            # (B, N)
+
+
+def resa_loss(z_online, z_momentum, A, temperature=0.4, two_sided=False):
+    """Eq. (3), final official form: mean over pairs (q, v), q online view, v in {0, 1} momentum view, q != v
+    (2V - 2 terms), of CE(A, softmax(Z_q Zbar_v^T / tau)) averaged over the local rows.
+
+    z_online: V x (B, E) unit rows, with gradient; z_momentum: 2 x (N, E) unit rows, gathered, no gradient;
+    A: (B, N). OFFICIAL: method/resa.py (resa_cifar 9047689, resa c51fddc): the same A for both orderings;
+    the symmetry of the paper's Eq. (3) comes from swapping the views. With DDP's gradient averaging the
+    mean over local rows gives exactly the gradient of the global-batch loss.
+
+    two_sided=True: paper Eq. (3) / early official code (714a2fc): each term also has the column
+    cross-entropy CE(A^T, softmax over ONLINE samples of Zbar_v Z_q^T / tau), which needs every rank's
+    online embeddings (gathered with gradient) and this rank's columns of the global A."""
+    terms = []
+    for q, z in enumerate(z_online):
+        for v, z_bar in enumerate(z_momentum):
+            if q == v:  # App. B: a view is never asked to predict itself
+                continue
+            term = F.cross_entropy(z @ z_bar.T / temperature, A)                  # Eq. (3), rows (B, N)
+            if two_sided:
+                own = slice(common.get_rank() * A.shape[0], (common.get_rank() + 1) * A.shape[0])
+                z_all = common.gather_with_grad(z)                                # (N, E)
+                A_cols = common.all_gather_nograd(A)[:, own].T                    # (B, N) = A^T, own columns
+                col = F.cross_entropy(z_bar[own] @ z_all.T / temperature, A_cols)  # Eq. (3), columns
+                term = (term + col) / 2
+            terms.append(term)
+    return torch.stack(terms).mean()
+
+
+@torch.no_grad()
+def assignment_stats(A):
+    """Diagnostics (not in the loss): mean row entropy of A in nats (log N = uniform, 0 = one-hot) and the
+    mean weight a sample puts on its own momentum encoding (the diagonal of the global matrix)."""
+    own = torch.arange(A.shape[0], device=A.device) + common.get_rank() * A.shape[0]
+    entropy = -(A * A.clamp_min(1e-12).log()).sum(1).mean()
+    return {"resa/a_entropy": entropy, "resa/a_self": A[torch.arange(A.shape[0]), own].mean()}
+
+
+# ===================================== VIEWS: asymmetric weak / strong pair ============================
+def build_views(args, info):
+    """[weak, strong, extra strong crops...] of one image. OFFICIAL: src/transform.py: view 0 is WEAK
+    (crop + flip, bilinear) and view 1 STRONG (bicubic crop, jitter 0.4/0.4/0.2/0.1 w.p. 0.8, grayscale
+    0.2, blur, solarize 0.2, flip); swapping them changes the method, since only view 0 builds A."""
+    norm = dict(mean=info.mean, std=info.std)
+    crop = (args.crop_min_scale, 1.0)
+    weak = common.Augment(info.image_size, scale=crop, interpolation="bilinear", flip_p=0.5, jitter_p=0.0,
+                          gray_p=0.0, **norm)
+    strong_recipe = dict(interpolation="bicubic", flip_p=0.5, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8,
+                         gray_p=0.2, blur_p=args.blur_p, solarize_p=args.solarize_p, **norm)
+    # DEVIATION: torchvision-v2 blur, kernel ~10% of the crop (official: PIL blur of radius sigma)
+    strong = common.Augment(info.image_size, scale=crop, **strong_recipe)
+    # OFFICIAL: --crops_nmb 1 N --crops_size 224 96: extra crops are strong views seen by the online net only
+    extra = common.Augment(args.extra_crop_size, scale=args.extra_crop_scale, **strong_recipe)
+    return common.MultiView([weak, strong] + [extra] * args.extra_crops)
+
+
+# ===================================== TRAINING LOOP: plumbing =========================================
+def main(argv=None):
+    args = common.parse_args(Args, PRESETS, argv)
+    dist = common.setup_distributed()
+    device, cuda = dist.device, dist.device.type == "cuda"
+    # Same seed on every rank: the momentum net is a copy of the online init, and DDP only broadcasts the
+    # online net. Augmentations are seeded by (seed, epoch, index) inside the loader.
+    common.seed_everything(args.seed)
+    if args.batch_size % dist.world_size:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by {dist.world_size} ranks")
+    per_rank = args.batch_size // dist.world_size
+    common.print0(f"resa: {args}\nglobal batch {args.batch_size} = {dist.world_size} ranks x {per_rank}")
+
+    # --- data ---
+    info = common.dataset_info(args.dataset, args.image_size or None)
+    dataset = common.build_dataset(args.dataset, "train", build_views(args, info), args.data_dir, args.download,
+                                   args.train_subset, args.seed, image_size=info.image_size)
+    loader = common.build_loader(dataset, per_rank, dist, workers=args.workers, seed=args.seed)
+
+    # --- online net (encoder, projector, predictor) and momentum net (encoder, projector) ---
+    # DEVIATION: common's CIFAR stem (32 px) lacks the official 1-px zero-pad before conv1 (34x34 maps there)
+    encoder, feat_dim = common.build_backbone(args.backbone, info.image_size,
+                                              zero_init_residual=args.zero_init_residual)
+    spec = common.backbone_spec(args.backbone, info.image_size, zero_init_residual=args.zero_init_residual)
+    projector = build_projector(feat_dim, args.proj_hidden, args.emb_dim, args.head_style)
+    predictor = build_predictor(args.emb_dim, args.proj_hidden, args.head_style) if args.predictor else None
+    online = ReSANet(encoder, projector, predictor)
+    if args.head_style == "vit":  # deleted official ViT code: xavier-uniform heads
+        for mod in list(projector.modules()) + list((predictor or nn.Identity()).modules()):
+            if isinstance(mod, nn.Linear):
+                nn.init.xavier_uniform_(mod.weight)
+                nn.init.zeros_(mod.bias)
+    momentum = ReSANet(copy.deepcopy(encoder), copy.deepcopy(projector)).requires_grad_(False)
+    fmt = torch.channels_last if cuda else torch.contiguous_format
+    online.to(device, memory_format=fmt)
+    momentum.to(device, memory_format=fmt)
+    if cuda and dist.world_size > 1:  # OFFICIAL: the whole model, momentum net included, uses SyncBN
+        momentum = nn.SyncBatchNorm.convert_sync_batchnorm(momentum)
+    model = common.ddp_wrap(online, dist)  # SyncBN (CUDA) keeps the Parameter objects, so pair them after it
+    ema_pairs = (list(momentum.parameters()), list(online.encoder.parameters()) + list(projector.parameters()))
+
+    # --- optimizer: ONE group; OFFICIAL: weight decay on every parameter, BN and biases included ---
+    lr = args.lr * args.batch_size / 256  # linear scaling rule (official main.py)
+    if args.optimizer == "sgd":
+        opt = torch.optim.SGD(online.parameters(), lr=lr, momentum=0.9, weight_decay=args.weight_decay)
+    else:
+        opt = torch.optim.AdamW(online.parameters(), lr=lr, weight_decay=args.weight_decay)
+
+    # --- schedules: pure functions of the global step (resume needs no scheduler state) ---
+    steps_per_epoch = len(loader)
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    # OFFICIAL: linear warm-up from 0, then cosine to 0.1 x lr, per step (src/utils.py). DEVIATION: the
+    # official linspace reaches lr one step before the end of the warm-up; here at its end.
+    def lr_at(step):
+        return common.cosine_schedule(step, total_steps, lr, args.final_lr_ratio * lr, warmup_steps)
+
+    common.print0(f"{len(dataset)} images, {steps_per_epoch} steps/epoch, {total_steps} steps, lr {lr:.4g}")
+
+    # --- resume (strict: every tensor must fit) ---
+    start_epoch = 0
+    if args.resume:
+        ckpt = common.load_checkpoint(args.resume, method="resa")
+        state = ckpt["train_state"]
+        if state["steps_per_epoch"] != steps_per_epoch:
+            raise common.CheckpointError(f"{args.resume}: {state['steps_per_epoch']} steps/epoch there, "
+                                         f"{steps_per_epoch} here; resume with the same data and batch size")
+        online.load_state_dict(state["online"])
+        momentum.load_state_dict(state["momentum"])
+        opt.load_state_dict(state["optimizer"])
+        start_epoch = ckpt["epoch"]
+        common.print0(f"resumed from {args.resume} at epoch {start_epoch}, step {ckpt['step']}")
+    momentum_fwd = momentum
+    if args.compile:
+        model, momentum_fwd = torch.compile(model), torch.compile(momentum)
+
+    def save(epoch):
+        if not dist.is_main:
+            return
+        state = {"online": online.state_dict(), "momentum": momentum.state_dict(), "optimizer": opt.state_dict(),
+                 "steps_per_epoch": steps_per_epoch}
+        head = build_projector(feat_dim, args.proj_hidden, args.emb_dim, args.head_style)  # plain BN, not SyncBN
+        head.load_state_dict(momentum.projector.state_dict())
+        ckpt = common.make_checkpoint(  # evaluation uses the MOMENTUM encoder and projector (official)
+            "resa", epoch, epoch * steps_per_epoch, args, spec, momentum.encoder, "momentum", info, state,
+            heads={"projector": head, "normalize_output": True})
+        common.save_checkpoint(f"{args.output_dir}/ckpt_epoch{epoch:04d}.pt", ckpt)
+
+    logger = common.RunLogger(args.output_dir, dist, total_steps, start_step=start_epoch * steps_per_epoch)
+    if start_epoch == 0:
+        save(0)
+    for epoch in range(start_epoch, args.epochs):
+        loader.set_epoch(epoch)
+        model.train()
+        momentum.train()  # OFFICIAL: the momentum net uses batch statistics too
+        for i, (views, _) in enumerate(loader):
+            step = epoch * steps_per_epoch + i
+            lr_t, m = lr_at(step), ema_momentum(step, total_steps, args.ema_base)
+            for group in opt.param_groups:
+                group["lr"] = lr_t
+            views = [x.to(device, non_blocking=True, memory_format=fmt) for x in views]
+
+            # DEVIATION: bf16 autocast on CUDA for every preset (official: fp32 on CIFAR, fp16 + GradScaler on
+            # ImageNet); bf16 needs no GradScaler. Sinkhorn stays float32 (see sinkhorn_knopp).
+            with common.autocast(device):
+                H, Z = model(views)                                                # online: every view
+            ema_update_(*ema_pairs, m)  # OFFICIAL: after the online pass, before momentum pass and step
+            with torch.no_grad(), common.autocast(device):
+                H_bar, Z_bar = momentum_fwd(views[:2])                             # momentum: views 0, 1
+                A = self_assignment(H[0], H_bar[0], args.sk_eps, args.sk_iters)   # App. B, (B, N)
+                Z_bar = [common.all_gather_nograd(z) for z in Z_bar]               # 2 x (N, E)
+            with common.autocast(device):
+                loss = resa_loss(Z, Z_bar, A, args.temperature, args.two_sided)   # Eq. (3)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+            if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
+                logger.step_line(epoch, step + 1, common.all_reduce_mean(loss.detach()), lr_t, args.batch_size,
+                                 extra={"sched/ema": m, **assignment_stats(A)})
+        if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
+            save(epoch + 1)
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    common.run(main)
