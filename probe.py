@@ -1,0 +1,946 @@
+"""probe.py: evaluate checkpoints of excb.py, resa.py and simclr_nscl.py with labels.
+
+PROBES (top-level functions on feature tensors; accuracies are in percent)
+    knn_accuracy     DINO weighted k-NN (cosine, k=20, T=0.07): the ImageNet k-NN of ExCB and ReSA.
+                     metric="euclidean", k=5: the majority vote ReSA reports on CIFAR.
+    linear_probe     ReSA's CIFAR protocol on precomputed features (Adam 1e-2 -> 1e-6 exponential over
+                     500 epochs, wd 5e-6, batch 1000, no augmentation), top-1 / top-5.
+    few_shot         NSCL's few-shot probes: nearest class centre (NCCC) and a bias-free linear probe
+                     (Adam 3e-4, 100 epochs) on N labelled images per class, repeats batched.
+    cdnv, directional_cdnv, few_shot_bound
+                     NSCL's class-distance normalised variance, its directional form and the few-shot
+                     error bound of Proposition 1, printed beside the measured NCCC error.
+MODES (through the frozen or trainable backbone, with augmentation)
+    --mode linear-aug   ImageNet linear protocol: crop+flip through the frozen backbone, SGD, 100 epochs
+                        (ExCB: lr 0.3 cosine, batch 256; ReSA: lr 10 x B/256, steps at 60/80).
+    --mode finetune     semi-supervised fine-tuning (backbone + linear head) on 1% / 10% of the labels,
+                        class-stratified, or a SimCLR split file (ExCB / ReSA Tab. "semi-supervised").
+    --dataset NAME      transfer: probe on another dataset than the one pretrained on (ReSA transfer).
+
+Commands (from the repository root):
+    python probe.py runs/excb_digits                      # every checkpoint of a run, default probes
+    python probe.py runs/excb_digits/ckpt_epoch0010.pt --probes knn,linear,fewshot,cdnv
+    python probe.py RUN --features projector              # NSCL few-shot numbers use the projector z
+    python probe.py RUN --dataset cifar100 --data-dir data   # transfer
+    python probe.py CKPT --mode linear-aug --epochs 100
+    python probe.py CKPT --mode finetune --label-fraction 0.01   # or --split-file 1percent.txt
+Features are extracted once per checkpoint, split and feature kind and cached in RUN_DIR/features/;
+results go to RUN_DIR/probe.csv and probe.json (one row per checkpoint x probe x metric) and PNGs.
+
+Measured: see docs/readme_probe.md (CPU timings on 50,000 x 512 / 10,000 x 512 features).
+"""
+import csv
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+# =====================================================================================================
+# PROBES on feature tensors. Shapes: train_x (N, D), train_y (N,) long, test_x (M, D), C classes,
+# R repeats, n shots per class. Labels are class ids in [0, C); C = max label + 1 unless given.
+# =====================================================================================================
+
+
+class _Threads:
+    """Run a block with n intra-op threads on CPU. The probes' training loops take thousands of tiny
+    steps (a (1000, 512) x (512, C) matmul each); OpenMP barriers then cost more than a second core saves
+    (measured on the 2-core dev VM: 3.3 ms per linear-probe step on 1 thread, 30+ ms on 2)."""
+
+    def __init__(self, device, n=1):
+        self.active, self.n = torch.device(device).type == "cpu", n
+
+    def __enter__(self):
+        if self.active:
+            self.saved = torch.get_num_threads()
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        if self.active:
+            torch.set_num_threads(self.saved)
+
+
+def _num_classes(*ys):
+    return int(max(int(y.max()) for y in ys)) + 1
+
+
+def _topk_correct(logits, y, ks):
+    """(B, C), (B,) -> {k: number of rows whose label is among the k largest logits}."""
+    top = logits.topk(max(ks), dim=1).indices  # (B, kmax)
+    hit = top == y[:, None]
+    return {k: int(hit[:, :k].any(1).sum()) for k in ks}
+
+
+def knn_predict(train_x, train_y, test_x, k=20, temperature=0.07, metric="cosine", num_classes=None,
+                chunk_elems=2 ** 25):
+    """k-NN class scores for each test row: (M, C) float.
+
+    cosine (DINO, Wu et al. 2018): L2-normalised features, vote of each neighbour = exp(sim / T).
+    euclidean (ReSA CIFAR): raw features, k nearest by L2 distance, one vote each; ties between classes
+    go to the smallest label because argmax returns the first maximum.
+    The test set is processed in chunks so that a chunk of the (M, N) similarity matrix holds at most
+    chunk_elems entries (2^25 floats = 128 MB).
+    """
+    C = num_classes or _num_classes(train_y)
+    if metric == "cosine":
+        train_x, test_x = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
+    elif metric == "euclidean":
+        train_sq = (train_x * train_x).sum(1)  # (N,)
+    else:
+        raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
+    k = min(k, len(train_x))
+    step = max(1, chunk_elems // len(train_x))
+    scores = []
+    for s in range(0, len(test_x), step):
+        q = test_x[s:s + step]
+        if metric == "cosine":
+            sim = q @ train_x.T  # (m, N)
+            val, idx = sim.topk(k, dim=1)
+            w = (val / temperature).exp()
+        else:
+            # ||q - x||^2 = ||q||^2 - 2 q.x + ||x||^2; ||q||^2 does not change the ranking of a row.
+            d2 = train_sq[None, :] - 2 * q @ train_x.T  # (m, N)
+            idx = d2.topk(k, dim=1, largest=False).indices
+            w = torch.ones(idx.shape, dtype=q.dtype, device=q.device)
+        votes = torch.zeros(len(q), C, dtype=q.dtype, device=q.device)
+        scores.append(votes.scatter_add_(1, train_y[idx], w))  # (m, C)
+    return torch.cat(scores)
+
+
+def knn_accuracy(train_x, train_y, test_x, test_y, k=20, temperature=0.07, metric="cosine", num_classes=None):
+    """Top-1 k-NN accuracy in percent. Defaults: DINO's weighted 20-NN; ReSA CIFAR: metric="euclidean", k=5."""
+    scores = knn_predict(train_x, train_y, test_x, k, temperature, metric, num_classes)
+    return 100.0 * (scores.argmax(1) == test_y.to(scores.device)).float().mean().item()
+
+
+def linear_probe(train_x, train_y, test_x, test_y, num_classes=None, epochs=500, lr=1e-2, final_lr=1e-6,
+                 weight_decay=5e-6, batch_size=1000, seed=0, device=None):
+    """ReSA's CIFAR linear probe on fixed features (resa_cifar eval/evaluate.py, W-MSE/INTL protocol).
+
+    nn.Linear(D, C) with PyTorch's default init, cross-entropy, Adam(lr, weight_decay as L2 in the
+    gradient, as torch.optim.Adam does), ExponentialLR with gamma = (final_lr / lr)^(1/epochs) stepped per
+    epoch, minibatches of batch_size from a fresh permutation each epoch (last one partial), no feature
+    normalisation, no augmentation. The features stay one tensor on `device` (default: train_x's), so a
+    step is an index, two small matmuls and an Adam update. Returns {"top1": %, "top5": %}.
+    """
+    device = torch.device(device) if device is not None else train_x.device
+    C = num_classes or _num_classes(train_y, test_y)
+    X, Y = train_x.to(device, torch.float32), train_y.to(device)
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG stream
+        torch.random.default_generator.manual_seed(seed)
+        head = nn.Linear(X.shape[1], C).to(device)
+    opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
+    gamma = (final_lr / lr) ** (1.0 / max(epochs, 1))
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma)
+    n = len(X)
+    with _Threads(device):
+        for _ in range(epochs):
+            perm = torch.randperm(n, generator=g).to(device)
+            for s in range(0, n, batch_size):
+                idx = perm[s:s + batch_size]
+                loss = F.cross_entropy(head(X.index_select(0, idx)), Y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            sched.step()
+    return _eval_head(head, test_x, test_y, device)
+
+
+@torch.no_grad()
+def _eval_head(head, x, y, device, batch=8192):
+    """{"top1", "top5"} accuracy in percent of head(x) (features -> logits; nn.Identity for logits).
+    With fewer than 5 classes, top-5 is top-C (= 100)."""
+    correct, n = {1: 0, 5: 0}, 0
+    for s in range(0, len(x), batch):
+        logits = head(x[s:s + batch].to(device, torch.float32)).float()  # (b, C)
+        c = _topk_correct(logits, y[s:s + batch].to(device), (1, min(5, logits.shape[1])))
+        correct[1] += c[1]
+        correct[5] += c[min(5, logits.shape[1])]
+        n += len(logits)
+    return {"top1": 100.0 * correct[1] / n, "top5": 100.0 * correct[5] / n}
+
+
+# ----- few-shot: NSCL Sec. 5 / Appendix C protocols --------------------------------------------------
+
+
+def sample_shots(y, n, repeats, generator=None):
+    """(R, C', n) indices: n distinct random images of every class present in y, independently per repeat.
+
+    C' is the number of classes present (sorted ascending); classes with fewer than n images raise.
+    """
+    classes, counts = y.unique(return_counts=True)
+    if int(counts.min()) < n:
+        raise ValueError(f"{n} shots requested but a class has only {int(counts.min())} images")
+    out = torch.empty(repeats, len(classes), n, dtype=torch.long)
+    for j, c in enumerate(classes.tolist()):
+        members = (y == c).nonzero().squeeze(1).cpu()
+        pick = torch.rand(repeats, len(members), generator=generator).argsort(1)[:, :n]  # (R, n)
+        out[:, j] = members[pick]
+    return out
+
+
+def nccc_scores(centres, x, chunk=8192):
+    """Nearest class-centre scores, (R, C, D) centres and (M, D) x -> (R, M, C); larger = closer.
+
+    -||x - mu||^2 up to the row constant ||x||^2: 2 x.mu - ||mu||^2, so argmax = Euclidean argmin.
+    """
+    mu_sq = (centres * centres).sum(-1)  # (R, C)
+    out = []
+    for s in range(0, len(x), chunk):
+        xs = x[s:s + chunk].to(centres)
+        out.append(2 * torch.einsum("md,rcd->rmc", xs, centres) - mu_sq[:, None, :])
+    return torch.cat(out, 1)
+
+
+def _nccc_eval(scores, y, C):
+    """C-way accuracy (R,) and the mean 2-way error over class pairs (R,) from (R, M, C) NCCC scores.
+
+    2-way: for classes (i, j), an image of class i is wrong when centre j is closer than centre i; the
+    pair's error is (wrong_i + wrong_j) / (n_i + n_j), averaged over the C(C-1)/2 pairs. This is the
+    expected NCCC error of a uniformly drawn 2-way task, the quantity NSCL's 2-way bound is about.
+    """
+    acc = (scores.argmax(-1) == y[None]).float().mean(1) * 100  # (R,)
+    own = scores.gather(2, y[None, :, None].expand(len(scores), -1, 1))  # (R, M, 1)
+    wrong = (scores > own).to(scores.dtype)  # (R, M, C): centre j beats the own-class centre
+    W = torch.zeros(len(scores), C, C, dtype=scores.dtype, device=scores.device)
+    W.index_add_(1, y, wrong)  # W[r, i, j] = images of class i closer to centre j
+    n = torch.bincount(y, minlength=C).to(scores.dtype)
+    iu = torch.triu_indices(C, C, 1, device=scores.device)
+    pair_err = (W[:, iu[0], iu[1]] + W[:, iu[1], iu[0]]) / (n[iu[0]] + n[iu[1]])  # (R, pairs)
+    return acc, pair_err.mean(1) * 100
+
+
+def _few_shot_linear(xs, ys, test_sets, C, epochs, lr, batch_size, generator):
+    """R bias-free linear probes trained at once: xs (R, n, D), ys (R, n) -> top-1 % per set, each (R,).
+
+    One weight tensor W (R, C, D) and one Adam: the loss is the sum over repeats of each repeat's batch
+    mean, so every repeat receives exactly its own gradient and Adam's per-element state keeps them apart.
+    """
+    R, n, D = xs.shape
+    bound = 1 / math.sqrt(D)  # nn.Linear's default init, per repeat
+    W = ((torch.rand(R, C, D, generator=generator) * 2 - 1) * bound).to(xs).requires_grad_()
+    opt = torch.optim.Adam([W], lr=lr)
+    bs = min(batch_size, n)
+    with _Threads(xs.device):
+        for _ in range(epochs):
+            # (R, n): every repeat shuffles its own N-shot set
+            perm = torch.rand(R, n, generator=generator).argsort(1).to(xs.device)
+            for s in range(0, n, bs):
+                b = perm[:, s:s + bs]
+                xb = xs.gather(1, b[..., None].expand(-1, -1, D))  # (R, B, D)
+                logits = torch.bmm(xb, W.transpose(1, 2))  # (R, B, C)
+                loss = F.cross_entropy(logits.flatten(0, 1), ys.gather(1, b).flatten()) * R
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    W = W.detach()
+    accs = []
+    with torch.no_grad():
+        for x, y in test_sets:
+            correct = torch.zeros(R, device=W.device)
+            for s in range(0, len(x), 8192):
+                pred = torch.einsum("md,rcd->rmc", x[s:s + 8192].to(W), W).argmax(-1)
+                correct += (pred == y[s:s + 8192][None].to(W.device)).sum(1)
+            accs.append(correct / len(x) * 100)
+    return accs
+
+
+def few_shot(train_x, train_y, test_x, test_y, shots=(1, 5, 10, 20, 50, 100, 200, 500), repeats=5,
+             probes=("nccc", "linear"), epochs=100, lr=3e-4, batch_size=256, eval_train=True, seed=0,
+             device=None):
+    """NSCL's few-shot probes on N labelled train images per class, R repeats with fresh samples.
+
+    nccc: class centres = mean of the N shots; predict the nearest centre in Euclidean distance
+          (NSCL scripts/nccc_eval.py), C-way accuracy and the mean 2-way error over class pairs.
+    linear: nn.Linear(D, C, bias=False), cross-entropy, Adam lr 3e-4 without weight decay, 100 epochs,
+          batch min(N*C, 256), shuffled (NSCL scripts/linear_probe.py).
+    Accuracy on the full test set (and the full train set when eval_train, as NSCL reports both).
+    Shots larger than the smallest class are skipped. Returns a list of dicts
+    {"shots", "probe" ("nccc" | "nccc_2way_err" | "linear"), "split", "mean", "std", "values"}.
+    DEVIATION: NSCL's linear probe reseeds random.seed(123) on every call, so its 5 repeats share one
+    subset and differ only in initialisation; here every repeat draws a fresh subset (as its NCCC does).
+    """
+    device = torch.device(device) if device is not None else train_x.device
+    g = torch.Generator().manual_seed(seed)
+    classes = train_y.unique()
+    C = len(classes)
+    remap = torch.full((_num_classes(train_y, test_y),), -1, dtype=torch.long)
+    remap[classes] = torch.arange(C)  # labels -> positions 0..C-1 among the classes present in train
+    Xtr, Xte = train_x.to(device, torch.float32), test_x.to(device, torch.float32)
+    ytr, yte = remap[train_y.cpu()].to(device), remap[test_y.cpu()].to(device)
+    if (yte < 0).any():
+        raise ValueError("test labels contain classes absent from the train features")
+    sets = [("test", Xte, yte)] + ([("train", Xtr, ytr)] if eval_train else [])
+    min_count = int(torch.bincount(ytr).min())
+    rows = []
+
+    def add(n, probe, split, vals):
+        vals = vals.double().cpu()
+        rows.append({"shots": n, "probe": probe, "split": split, "mean": vals.mean().item(),
+                     "std": vals.std(unbiased=False).item(), "values": vals.tolist()})
+
+    for n in shots:
+        if n > min_count:
+            continue
+        idx = sample_shots(ytr.cpu(), n, repeats, g).to(device)  # (R, C, n)
+        xs = Xtr[idx]  # (R, C, n, D)
+        if "nccc" in probes:
+            centres = xs.mean(2)  # (R, C, D)
+            for split, x, y in sets:
+                acc, err2 = _nccc_eval(nccc_scores(centres, x), y, C)
+                add(n, "nccc", split, acc)
+                add(n, "nccc_2way_err", split, err2)
+        if "linear" in probes:
+            ys = torch.arange(C, device=device).repeat_interleave(n).expand(repeats, -1)  # (R, C*n)
+            accs = _few_shot_linear(xs.flatten(1, 2), ys.contiguous(), [(x, y) for _, x, y in sets], C,
+                                    epochs, lr, batch_size, g)
+            for (split, _, _), acc in zip(sets, accs):
+                add(n, "linear", split, acc)
+    return rows
+
+
+# ----- CDNV, directional CDNV and the few-shot bound (NSCL Sec. 4, Proposition 1) -------------------
+
+
+def _class_geometry(x, y, chunk=65536):
+    """Class means mu (C, D), population variances var (C,) = E||x - mu_c||^2, counts (C,), positions y.
+
+    float64 and centred sums (not E||x||^2 - ||mu||^2, which cancels badly far from the origin), in row
+    chunks so a large feature matrix is never copied whole in float64.
+    """
+    classes, yi = y.unique(return_inverse=True)
+    C, D = len(classes), x.shape[1]
+    counts = torch.bincount(yi, minlength=C).double()
+    mu = torch.zeros(C, D, dtype=torch.float64, device=x.device)
+    for s in range(0, len(x), chunk):
+        mu.index_add_(0, yi[s:s + chunk], x[s:s + chunk].double())
+    mu /= counts[:, None]
+    var = torch.zeros(C, dtype=torch.float64, device=x.device)
+    for s in range(0, len(x), chunk):
+        xc = x[s:s + chunk].double() - mu[yi[s:s + chunk]]
+        var.index_add_(0, yi[s:s + chunk], (xc * xc).sum(1))
+    return mu, var / counts, counts, yi
+
+
+def cdnv(x, y):
+    """Class-distance normalised variance (Galanti et al. 2022; NSCL Sec. 4), a float.
+
+    CDNV = mean over unordered class pairs i < j of (Var_i + Var_j) / (2 ||mu_i - mu_j||^2), Var = trace
+    of the population (1/n) covariance. Pairs with coincident means are skipped and the mean is over the
+    pairs counted (NSCL v2 convention; v1 divides by C(C-1)/2 regardless).
+    """
+    mu, var, _, _ = _class_geometry(x, y)
+    d2 = torch.cdist(mu, mu) ** 2  # (C, C)
+    i, j = torch.triu_indices(len(mu), len(mu), 1, device=mu.device)
+    keep = d2[i, j] > 0
+    return ((var[i] + var[j]) / (2 * d2[i, j]))[keep].mean().item()
+
+
+def directional_cdnv(x, y, chunk=65536):
+    """Directional CDNV (NSCL Sec. 4), a float: mean over ORDERED pairs i != j (no factor 1/2) of
+
+        E_{x in i}[ ((x - mu_i) . u_ij)^2 ] / ||mu_j - mu_i||^2,   u_ij = (mu_j - mu_i) / ||mu_j - mu_i||,
+
+    the variance of class i along the line to class j. With G = (x - mu_i) mu^T, the projection on
+    mu_j - mu_i is G[:, j] - G[:, i], so all pairs cost one (N, C) matmul.
+    """
+    mu, _, counts, yi = _class_geometry(x, y, chunk)
+    C = len(mu)
+    # S[i, j] = sum over x in class i of ((x - mu_i) . (mu_j - mu_i))^2
+    S = torch.zeros(C, C, dtype=torch.float64, device=x.device)
+    for s in range(0, len(x), chunk):
+        ys = yi[s:s + chunk]
+        G = (x[s:s + chunk].double() - mu[ys]) @ mu.T  # (n, C)
+        proj = G - G.gather(1, ys[:, None])  # (n, C)
+        S.index_add_(0, ys, proj * proj)
+    d2 = torch.cdist(mu, mu) ** 2
+    keep = (d2 > 0) & ~torch.eye(C, dtype=torch.bool, device=x.device)
+    return (S / counts[:, None] / d2 ** 2)[keep].mean().item()
+
+
+def few_shot_bound(dir_cdnv, cdnv, m, n_classes=2, return_a=False):
+    """NSCL Proposition 1: the nearest-class-centre error with m shots per class, C' = n_classes, is at most
+
+        (C' - 1) * min_{a >= 5} [ Vt (1/2 - A/a)^-2 + B_m a ],   A = 2 + 2^{3/2}/m,
+        B_m = (1/4) ( (2/sqrt(m)) (V^s + V) + V/m ),   Vt = dir_cdnv, V = cdnv,
+
+    with V^s = sqrt(V) as in the authors' bound_analysis/old_bound_core.py (OFFICIAL; the paper's V^s is
+    not reproduced here). E(a) is convex for a > 2A, so the minimum is at a* = max(5, 2A + y*) where y* is
+    the positive root of y^3 - 8F y - 16 F A = 0 (E'(a) = 0 with y = a - 2A, F = 2 Vt A / B_m), solved in
+    closed form: Cardano when A^2 >= 8F/27, else the trigonometric form of the largest real root.
+    Reference (Vt=0.0728605, V=1.6721367, C'=2): m=1 -> 29.114, m=5 -> 8.196, m=500 -> 1.459.
+    An error bound, so values above 1 are vacuous; returned unclipped to match the paper's numbers.
+    """
+    Vt, V, m = float(dir_cdnv), float(cdnv), float(m)
+    A = 2 + 2 ** 1.5 / m
+    B = 0.25 * ((2 / math.sqrt(m)) * (math.sqrt(V) + V) + V / m)
+    if Vt <= 0:
+        a = max(5.0, 2 * A)  # no directional term: E(a) = B_m a, smallest admissible a
+    elif B <= 0:
+        a = float("inf")
+    else:
+        Fv = 2 * Vt * A / B
+        disc = A * A - 8 * Fv / 27
+        if disc >= 0:
+            r = math.sqrt(disc)
+            y = np.cbrt(8 * Fv * (A + r)) + np.cbrt(8 * Fv * (A - r))
+        else:
+            y = 4 * math.sqrt(2 * Fv / 3) * math.cos(math.acos(3 * A * math.sqrt(3 / (8 * Fv))) / 3)
+        a = max(5.0, 2 * A + float(y))
+    value = (n_classes - 1) * (Vt * (0.5 - A / a) ** -2 + B * a) if math.isfinite(a) else (
+        (n_classes - 1) * 4 * Vt)
+    return (value, a) if return_a else value
+
+
+# =====================================================================================================
+# MODES through the backbone: the ImageNet linear protocol with augmentation, semi-supervised fine-tuning
+# =====================================================================================================
+
+
+def _init_head(D, C, device):
+    """Linear head initialised N(0, 0.01) with zero bias (ExCB engine/linear_eval, ReSA eval_linear.py)."""
+    head = nn.Linear(D, C).to(device)
+    nn.init.normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+def _step_lr(schedule, base, step, total):
+    """cosine: half cosine from base to 0 per step (ExCB); step: x0.1 at 60% and 80% of training (ReSA's
+    MultiStep [60, 80] of 100 epochs)."""
+    if schedule == "cosine":
+        return common.cosine_schedule(step, total, base)
+    return base * 0.1 ** ((step >= 0.6 * total) + (step >= 0.8 * total))
+
+
+def linear_aug(backbone, train_set, test_x, test_y, num_classes, epochs=100, lr=0.3, batch_size=256,
+               schedule="cosine", device="cpu", workers=0, seed=0, log=print):
+    """ImageNet linear protocol: a linear head on the FROZEN backbone (eval mode, so BN statistics are
+    fixed), trained on random-resized-crop + flip views, SGD momentum 0.9, no weight decay (ExCB's
+    effective wd; ReSA sets 0). train_set yields augmented (image, label); test_x are the cached
+    centre-crop features, which the frozen backbone would reproduce exactly. Returns {"top1", "top5"} %.
+    """
+    device = torch.device(device)
+    backbone = backbone.to(device).eval()
+    head = _init_head(test_x.shape[1], num_classes, device)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    loader = common.build_loader(train_set, batch_size, common.DistInfo(device=device), workers,
+                                 shuffle=True, drop_last=False, seed=seed)
+    total, step = epochs * len(loader), 0
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        t0, loss_sum = time.perf_counter(), 0.0
+        for x, y in loader:
+            for group in opt.param_groups:
+                group["lr"] = _step_lr(schedule, lr, step, total)
+            with torch.no_grad(), common.autocast(device):
+                h = backbone(x.to(device, non_blocking=True))
+            loss = F.cross_entropy(head(h.float()), y.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach()
+            step += 1
+        log(f"linear-aug epoch {epoch + 1}/{epochs} loss {float(loss_sum) / len(loader):.4f} "
+            f"({time.perf_counter() - t0:.1f} s)")
+    return _eval_head(head, test_x, test_y, device)
+
+
+def label_subset(targets, fraction=0.0, split_file=None, names=None, seed=0):
+    """Indices of the labelled images for semi-supervised fine-tuning.
+
+    split_file: SimCLR's 1percent.txt / 10percent.txt (one image file name per line, e.g.
+    n01440764_10026.JPEG, matched against `names`, the dataset's file names) or one integer index per line.
+    Otherwise a class-stratified random subset: round(fraction * n_c) images of every class c, at least 1.
+    """
+    if split_file:
+        lines = [ln.strip() for ln in Path(split_file).read_text().splitlines() if ln.strip()]
+        if all(ln.isdigit() for ln in lines):
+            idx = torch.tensor([int(ln) for ln in lines])
+            if int(idx.max()) >= len(targets):
+                raise ValueError(f"{split_file}: index {int(idx.max())} >= dataset size {len(targets)}")
+            return idx
+        if names is None:
+            raise ValueError(f"{split_file} lists file names but this dataset has no file names; "
+                             f"give one integer index per line instead")
+        where = {Path(n).name: i for i, n in enumerate(names)}
+        missing = [ln for ln in lines if Path(ln).name not in where]
+        if missing:
+            raise ValueError(f"{split_file}: {len(missing)} of {len(lines)} names are not in the dataset, "
+                             f"e.g. {missing[:3]}")
+        return torch.tensor([where[Path(ln).name] for ln in lines])
+    g = torch.Generator().manual_seed(seed)
+    picks = []
+    for c in targets.unique().tolist():
+        members = (targets == c).nonzero().squeeze(1)
+        n = max(1, round(fraction * len(members)))
+        picks.append(members[torch.randperm(len(members), generator=g)[:n]])
+    return torch.cat(picks).sort().values
+
+
+def finetune(backbone, train_set, test_loader, num_classes, epochs=50, lr_backbone=8e-5, lr_head=1.0,
+             batch_size=512, device="cpu", workers=0, seed=0, log=print):
+    """Semi-supervised fine-tuning: backbone (train mode) + a new linear head on the labelled subset,
+    crop+flip views, SGD momentum 0.9 without weight decay, cosine to 0 per step, separate learning
+    rates for the backbone and the head (ExCB Sec. 4: 50 epochs, batch 512, backbone 8e-5 / 3e-4 and
+    head 1.0 / 0.2 for 1% / 10% of ImageNet; ReSA: 20 epochs, cosine, backbone 2e-4). Evaluated on
+    the un-augmented test loader through the fine-tuned backbone. Returns {"top1", "top5"} %.
+    """
+    device = torch.device(device)
+    backbone = backbone.to(device)
+    D = int(getattr(backbone, "feature_dim", 0)) or backbone(next(iter(test_loader))[0][:2].to(device)).shape[1]
+    head = _init_head(D, num_classes, device)
+    groups = [{"params": list(backbone.parameters()), "base": lr_backbone},
+              {"params": list(head.parameters()), "base": lr_head}]
+    opt = torch.optim.SGD(groups, lr=lr_head, momentum=0.9, weight_decay=0.0)
+    # Tiny labelled subsets (1% of a small set) can be smaller than a batch: keep the partial batch.
+    batch_size = min(batch_size, len(train_set))
+    loader = common.build_loader(train_set, batch_size, common.DistInfo(device=device), workers,
+                                 shuffle=True, drop_last=len(train_set) > batch_size, seed=seed)
+    total, step = epochs * len(loader), 0
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        backbone.train()
+        loss_sum = 0.0
+        for x, y in loader:
+            for group in opt.param_groups:
+                group["lr"] = common.cosine_schedule(step, total, group["base"])
+            with common.autocast(device):
+                logits = head(backbone(x.to(device, non_blocking=True)).float())
+            loss = F.cross_entropy(logits.float(), y.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach()
+            step += 1
+        log(f"finetune epoch {epoch + 1}/{epochs} loss {float(loss_sum) / len(loader):.4f}")
+    x, y = common.extract_features(nn.Sequential(backbone, head), test_loader, device)
+    return _eval_head(nn.Identity(), x, y, "cpu")
+
+
+# =====================================================================================================
+# CLI: checkpoints -> cached features -> probes -> probe.csv / probe.json, a table and plots (plumbing)
+# =====================================================================================================
+
+PROBES = ("knn", "linear", "fewshot", "cdnv")
+
+
+def _f(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Args:
+    path: str = _f("", "checkpoint file or run directory (every *.pt in epoch order); may come first, "
+                   "without --path")
+    mode: str = _f("probe", "probe: the feature probes of --probes; linear-aug: ImageNet linear protocol "
+                   "(crop+flip through the frozen backbone); finetune: semi-supervised fine-tuning; bench: "
+                   "time every probe on synthetic 50k x 512 features")
+    probes: str = _f("knn,linear,fewshot,cdnv", "comma list of " + ",".join(PROBES))
+    features: str = _f("backbone", "backbone: the evaluation encoder's output h (ReSA, ExCB); projector: the "
+                       "stored projector's embedding z (NSCL's few-shot numbers)")
+    dataset: str = _f("", "probe on this dataset instead of the pretraining one (transfer, e.g. cifar100 "
+                      "or stl10 for a CIFAR-10 checkpoint)")
+    data_dir: str = _f("", "dataset root (default: the checkpoint's)")
+    download: bool = _f(False, "download a missing transfer dataset")
+    max_train: int = _f(0, "class-stratified subset of the train split (0 = all)")
+    max_test: int = _f(0, "class-stratified subset of the test split (0 = all)")
+    out_dir: str = _f("", "where probe.csv/json and the PNGs go (default: the run directory)")
+    device: str = _f("auto", "auto (cuda when available) | cpu | cuda")
+    # k-NN
+    knn_k: int = _f(20, "neighbours of the weighted cosine k-NN (DINO, ExCB: 20)")
+    knn_temperature: float = _f(0.07, "T in the vote weight exp(sim / T) (DINO, ReSA ImageNet)")
+    knn_euclid_k: int = _f(5, "neighbours of the Euclidean majority vote (ReSA CIFAR)")
+    # linear probe / linear-aug / finetune: 0 = the protocol default of the mode
+    epochs: int = _f(0, "classifier epochs, 0 = default: probe 500 (ReSA CIFAR), linear-aug 100, finetune "
+                     "50 (ExCB; ReSA: 20)")
+    lr: float = _f(0.0, "classifier lr, 0 = default: probe 1e-2 (Adam, decayed to 1e-6), linear-aug 0.3 "
+                   "(SGD, ExCB; ReSA: 10 x B/256 with --lr-schedule step), finetune 1.0 at <= 5%% "
+                   "labels, else 0.2 (ExCB)")
+    batch_size: int = _f(0, "classifier batch, 0 = default: probe 1000, linear-aug 256, finetune 512")
+    lr_schedule: str = _f("cosine", "linear-aug: cosine (ExCB) | step (x0.1 at 60%% and 80%%, ReSA)")
+    min_crop_scale: float = _f(0.08, "lower scale of the random-resized crops of linear-aug and finetune")
+    label_fraction: float = _f(0.01, "finetune: labelled fraction of every class")
+    split_file: str = _f("", "finetune: SimCLR split file (image file names or indices, one per line)")
+    lr_backbone: float = _f(0.0, "finetune backbone lr, 0 = ExCB's 8e-5 at <= 5%% labels, else 3e-4")
+    # few-shot (NSCL)
+    shots: tuple[int, ...] = _f((1, 5, 10, 20, 50, 100, 200, 500), "labelled images per class, N")
+    repeats: int = _f(5, "fresh N-shot samples per N (NSCL: 5)")
+    fewshot_epochs: int = _f(100, "epochs of the few-shot linear probe (NSCL CIFAR: 100)")
+    fewshot_lr: float = _f(3e-4, "Adam lr of the few-shot linear probe (NSCL)")
+    # system
+    eval_batch_size: int = _f(256, "batch of the feature extraction")
+    workers: int = _f(0, "data-loading workers")
+    seed: int = _f(0, "seed of every probe's sampling and initialisation")
+    cache: bool = _f(True, "reuse RUN_DIR/features/*.pt when not older than the checkpoint")
+    plots: bool = _f(True, "write the PNGs")
+
+
+def _run_dir(path):
+    p = Path(path)
+    return p if p.is_dir() else p.parent
+
+
+def _features(ckpt_path, ckpt, split, args, device, cache_dir):
+    """Backbone features of one split, extracted once and cached as {"x", "y"} in cache_dir.
+
+    Only backbone features are cached: the projector is a small MLP applied to them on the fly.
+    """
+    dataset = args.dataset or ckpt["data"]["dataset"]
+    limit = args.max_train if split == "train" else args.max_test
+    name = f"{Path(ckpt_path).stem}_{dataset}_{split}_backbone{f'_n{limit}' if limit else ''}.pt"
+    cache = Path(cache_dir) / name
+    if args.cache and cache.is_file() and cache.stat().st_mtime >= Path(ckpt_path).stat().st_mtime:
+        blob = torch.load(cache, map_location="cpu", weights_only=True)
+        return blob["x"], blob["y"], True
+    model, meta = common.load_backbone(ckpt)
+    loader = common.eval_loader(meta, split, args.data_dir or None, args.eval_batch_size, args.workers,
+                                limit, args.dataset or None)
+    x, y = common.extract_features(model.to(device), loader, device)
+    if args.cache:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        common.save_checkpoint(cache, {"x": x, "y": y})  # only for its atomic write: not a checkpoint
+    return x, y, False
+
+
+def _projector(ckpt, path):
+    heads = common.load_heads(ckpt)
+    if "projector" not in heads:
+        raise common.CheckpointError(f"{path} stores no projector head (heads: {sorted(heads) or 'none'}); "
+                                     f"use --features backbone")
+
+    def apply(x):
+        with torch.no_grad():
+            z = heads["projector"].eval()(x)
+        return F.normalize(z, dim=1) if heads.get("normalize_output") else z
+    return apply
+
+
+def _probe_rows(args, trx, try_, tex, tey, device, log):
+    """Run the selected probes on one checkpoint's features -> list of (probe, metric, value, std, shots)."""
+    probes = [p.strip() for p in args.probes.split(",") if p.strip()]
+    trx, try_, tex, tey = trx.to(device), try_.to(device), tex.to(device), tey.to(device)
+    C = _num_classes(try_, tey)
+    out = []
+    if "knn" in probes:
+        t = time.perf_counter()
+        acc = knn_accuracy(trx, try_, tex, tey, args.knn_k, args.knn_temperature, "cosine", C)
+        out.append(("knn", f"top1_cosine_k{args.knn_k}", acc, None, None))
+        out.append(("knn", f"top1_euclidean_k{args.knn_euclid_k}",
+                    knn_accuracy(trx, try_, tex, tey, args.knn_euclid_k, metric="euclidean", num_classes=C),
+                    None, None))
+        log(f"  knn {time.perf_counter() - t:.1f} s")
+    if "linear" in probes:
+        t = time.perf_counter()
+        r = linear_probe(trx, try_, tex, tey, C, epochs=args.epochs or 500, lr=args.lr or 1e-2,
+                         batch_size=args.batch_size or 1000, seed=args.seed, device=device)
+        out += [("linear", "top1", r["top1"], None, None), ("linear", "top5", r["top5"], None, None)]
+        log(f"  linear {time.perf_counter() - t:.1f} s")
+    if "cdnv" in probes:
+        for split, x, y in (("train", trx, try_), ("test", tex, tey)):
+            out.append(("cdnv", f"cdnv_{split}", cdnv(x, y), None, None))
+            out.append(("cdnv", f"dir_cdnv_{split}", directional_cdnv(x, y), None, None))
+    if "fewshot" in probes:
+        t = time.perf_counter()
+        rows = few_shot(trx, try_, tex, tey, args.shots, args.repeats, epochs=args.fewshot_epochs,
+                        lr=args.fewshot_lr, seed=args.seed, device=device)
+        for r in rows:
+            out.append(("fewshot", f"{r['probe']}_{r['split']}", r["mean"], r["std"], r["shots"]))
+        # Proposition 1 with the train split's CDNVs (the population the shots are drawn from), as an
+        # error in percent: C'=2 beside the mean 2-way NCCC error, C'=C beside the C-way NCCC error.
+        V, Vt = cdnv(trx, try_), directional_cdnv(trx, try_)
+        for n in sorted({r["shots"] for r in rows}):
+            out.append(("fewshot", "bound_2way", 100 * few_shot_bound(Vt, V, n, 2), None, n))
+            out.append(("fewshot", f"bound_{C}way", 100 * few_shot_bound(Vt, V, n, C), None, n))
+        log(f"  fewshot {time.perf_counter() - t:.1f} s")
+    return out
+
+
+FIELDS = ["checkpoint", "epoch", "method", "features", "dataset", "probe", "metric", "shots", "value", "std"]
+
+
+def _write_results(out_dir, rows):
+    """Merge rows into out_dir/probe.csv and probe.json: a row replaces an earlier one with the same key
+    (checkpoint, features, dataset, probe, metric, shots); rows of other probes or checkpoints are kept."""
+    csv_path = Path(out_dir) / "probe.csv"
+    def key(r):
+        return tuple("" if r.get(k) is None else str(r[k]) for k in FIELDS[:8] if k not in ("epoch", "method"))
+    merged = {}
+    if csv_path.is_file():
+        with open(csv_path) as f:
+            for r in csv.DictReader(f):
+                merged[key(r)] = r
+    for r in rows:
+        merged[key(r)] = {k: ("" if r.get(k) is None else r[k]) for k in FIELDS}
+    final = sorted(merged.values(), key=lambda r: (float(r["epoch"]), r["checkpoint"], r["features"],
+                                                   r["dataset"], r["probe"], r["metric"],
+                                                   float(r["shots"] or 0)))
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, FIELDS)
+        w.writeheader()
+        w.writerows(final)
+    num = lambda v: None if v in ("", None) else float(v)
+    js = [{**r, "epoch": int(float(r["epoch"])), "value": num(r["value"]), "std": num(r["std"]),
+           "shots": None if num(r["shots"]) is None else int(num(r["shots"]))} for r in final]
+    (Path(out_dir) / "probe.json").write_text(json.dumps(js, indent=1))
+    return final
+
+
+def _print_table(rows):
+    """One line per checkpoint with the headline metrics, then the few-shot table of the last one."""
+    head = [r for r in rows if r["shots"] in ("", None)]
+    cols = list(dict.fromkeys(f"{r['probe']}/{r['metric']}" for r in head))
+    by_ckpt = {}
+    for r in head:
+        col = f"{r['probe']}/{r['metric']}"
+        by_ckpt.setdefault((int(float(r["epoch"])), r["checkpoint"]), {})[col] = r["value"]
+    short = [c.replace("top1_", "").replace("cosine_", "cos_").replace("euclidean_", "euc_") for c in cols]
+    if cols:
+        print(f"{'checkpoint':<24}{'epoch':>6} " + " ".join(f"{s:>16}" for s in short))
+        for (epoch, name), vals in sorted(by_ckpt.items()):
+            print(f"{name[:24]:<24}{epoch:>6} " + " ".join(
+                f"{float(vals[c]):>16.4g}" if c in vals else f"{'-':>16}" for c in cols))
+    fs = [r for r in rows if r["probe"] == "fewshot"]
+    if fs:
+        last = max(fs, key=lambda r: (float(r["epoch"]), r["checkpoint"]))["checkpoint"]
+        # train-split few-shot accuracies go to the CSV only
+        fs = [r for r in fs if r["checkpoint"] == last and not r["metric"].endswith("_train")]
+        metrics = list(dict.fromkeys(r["metric"] for r in fs))
+        print(f"\nfew-shot, {last} (test accuracy / error in %, mean +- std over repeats; bound: NSCL Prop. 1)")
+        print(f"{'N':>5} " + " ".join(f"{m:>20}" for m in metrics))
+        table = {}
+        for r in fs:
+            std = f" +-{float(r['std']):.1f}" if r["std"] not in ("", None) else ""
+            table.setdefault(int(float(r["shots"])), {})[r["metric"]] = f"{float(r['value']):.2f}{std}"
+        for n in sorted(table):
+            print(f"{n:>5} " + " ".join(f"{table[n].get(m, '-'):>20}" for m in metrics))
+
+
+def _plots(out_dir, rows, features):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    rows = [r for r in rows if r["features"] == features]
+    epochs = sorted({int(float(r["epoch"])) for r in rows})
+    series = {}
+    for r in rows:
+        m = r["metric"]
+        if r["probe"] in ("knn", "linear", "linear_aug") or r["probe"].startswith("finetune"):
+            if m.startswith("top1"):
+                series.setdefault(f"{r['probe']} {m}", {})[int(float(r["epoch"]))] = float(r["value"])
+        elif r["probe"] == "fewshot" and m in ("nccc_test", "linear_test") and r["shots"] in ("1", "5", 1, 5):
+            series.setdefault(f"{m.split('_')[0]} {int(float(r['shots']))}-shot", {})[
+                int(float(r["epoch"]))] = float(r["value"])
+    if len(epochs) > 1 and series:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, pts in series.items():
+            xs = sorted(pts)
+            ax.plot(xs, [pts[e] for e in xs], marker="o", label=name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test accuracy (%)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        paths.append(Path(out_dir) / f"probe_epoch_{features}.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    fs = [r for r in rows if r["probe"] == "fewshot"]
+    if fs:
+        last = max(fs, key=lambda r: (float(r["epoch"]), r["checkpoint"]))["checkpoint"]
+        fs = [r for r in fs if r["checkpoint"] == last]
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        for m, ax, kind in (("nccc_test", a1, "acc"), ("linear_test", a1, "acc"),
+                            ("nccc_2way_err_test", a2, "err"), ("bound_2way", a2, "err")):
+            pts = sorted((int(float(r["shots"])), float(r["value"]), float(r["std"] or 0)) for r in fs
+                         if r["metric"] == m)
+            if pts:
+                n, v, s = zip(*pts)
+                ax.errorbar(n, v, yerr=s, marker="o", capsize=2, label=m)
+        a2.axhline(100, color="grey", ls="--", lw=1)  # a bound above 100 % says nothing
+        a1.set_ylabel("test accuracy (%)")
+        a2.set_ylabel("2-way error (%)")
+        a2.set_yscale("log")
+        for ax in (a1, a2):
+            ax.set_xscale("log")
+            ax.set_xlabel("shots per class N")
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
+        fig.suptitle(f"{last} ({features}): few-shot probes and the NSCL bound (Prop. 1)", fontsize=9)
+        fig.tight_layout()
+        paths.append(Path(out_dir) / f"probe_fewshot_{Path(last).stem}_{features}.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def _mode_sets(args, meta):
+    """Augmented train set (crop+flip, the checkpoint's or the transfer dataset's normalisation) and the
+    number of classes, for linear-aug and finetune."""
+    data = meta["data"]
+    name = args.dataset or data["dataset"]
+    size = int(data["image_size"])
+    info = common.dataset_info(name, size)
+    mean, std = (data["mean"], data["std"]) if name == data["dataset"] else (info.mean, info.std)
+    aug = common.Augment(size, scale=(args.min_crop_scale, 1.0), jitter_p=0.0, gray_p=0.0, mean=mean, std=std)
+    train = common.build_dataset(name, "train", aug, args.data_dir or data.get("data_dir"), args.download,
+                                 subset=args.max_train, seed=args.seed,
+                                 image_size=size if name == "digits" else None)
+    return train
+
+
+def _probe_checkpoint(args, path, ckpt, device, cache_dir):
+    """--mode probe: cached train/test features (projected when asked) -> the selected probes' rows."""
+    t = time.perf_counter()
+    trx, try_, hit_tr = _features(path, ckpt, "train", args, device, cache_dir)
+    tex, tey, hit_te = _features(path, ckpt, "test", args, device, cache_dir)
+    if args.features == "projector":
+        proj = _projector(ckpt, path)
+        trx, tex = proj(trx), proj(tex)
+    common.print0(f"  {args.features} features train {tuple(trx.shape)} test {tuple(tex.shape)} "
+                  f"({'cached' if hit_tr and hit_te else f'{time.perf_counter() - t:.1f} s'})")
+    return _probe_rows(args, trx, try_, tex, tey, device, common.print0)
+
+
+def _train_checkpoint(args, path, ckpt, meta, device, cache_dir):
+    """--mode linear-aug | finetune on one checkpoint -> rows (probe, metric, value, std, shots)."""
+    model, _ = common.load_backbone(ckpt)
+    train_set = _mode_sets(args, meta)
+    C = train_set.num_classes
+    if args.mode == "linear-aug":
+        tex, tey, _ = _features(path, ckpt, "test", args, device, cache_dir)  # frozen: the cached ones
+        r = linear_aug(model, train_set, tex, tey, C, args.epochs or 100, args.lr or 0.3,
+                       args.batch_size or 256, args.lr_schedule, device, args.workers, args.seed, common.print0)
+        return [("linear_aug", "top1", r["top1"], None, None), ("linear_aug", "top5", r["top5"], None, None)]
+    names = None  # file names, for SimCLR split files on ImageFolder data
+    if args.split_file and hasattr(getattr(train_set, "source", None), "samples"):
+        names = [s[0] for s in train_set.source.samples]
+        if train_set.indices is not None:
+            names = [names[i] for i in train_set.indices.tolist()]
+    idx = label_subset(train_set.targets, args.label_fraction, args.split_file or None, names, args.seed)
+    tag = (f"finetune_{Path(args.split_file).stem}" if args.split_file
+           else f"finetune_{args.label_fraction * 100:g}pct")
+    common.print0(f"  {tag}: {len(idx)} labelled images of {len(train_set)}")
+    low = len(idx) / len(train_set) <= 0.05  # ExCB's 1% setting, else its 10% setting
+    test_loader = common.eval_loader(meta, "test", args.data_dir or None, args.eval_batch_size, args.workers,
+                                     args.max_test, args.dataset or None)
+    r = finetune(model, torch.utils.data.Subset(train_set, idx.tolist()), test_loader, C, args.epochs or 50,
+                 args.lr_backbone or (8e-5 if low else 3e-4), args.lr or (1.0 if low else 0.2),
+                 args.batch_size or 512, device, args.workers, args.seed, common.print0)
+    return [(tag, "top1", r["top1"], None, None), (tag, "top5", r["top5"], None, None)]
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-"):
+        argv = ["--path"] + argv  # the checkpoint or run directory may come first, without a flag
+    args = common.parse_args(Args, {}, argv)
+    device = common.select_device() if args.device == "auto" else torch.device(args.device)
+    if args.mode == "bench":
+        return bench(args, device)
+    if not args.path:
+        sys.exit("error: give a checkpoint file or run directory: python probe.py RUN_DIR [flags]")
+    if args.features not in ("backbone", "projector"):
+        sys.exit(f"error: --features must be backbone or projector, got {args.features!r}")
+    if args.mode not in ("probe", "linear-aug", "finetune"):
+        sys.exit(f"error: unknown --mode {args.mode!r}")
+    unknown = {p.strip() for p in args.probes.split(",") if p.strip()} - set(PROBES)
+    if unknown:
+        sys.exit(f"error: unknown probe(s) {sorted(unknown)}; choose from {','.join(PROBES)}")
+    paths = common.list_checkpoints(args.path)
+    run_dir = _run_dir(args.path)
+    out_dir = Path(args.out_dir) if args.out_dir else run_dir
+    rows, t_all = [], time.perf_counter()
+    for path in paths:
+        ckpt = common.load_checkpoint(path)
+        meta = common.checkpoint_meta(ckpt, path)
+        dataset = args.dataset or meta["data"]["dataset"]
+        common.print0(f"{path.name}: {meta['method']} epoch {meta['epoch']}, {args.features} features, "
+                      f"{dataset}")
+        base = {"checkpoint": path.name, "epoch": meta["epoch"], "method": meta["method"],
+                "features": args.features, "dataset": dataset}
+        if args.mode == "probe":
+            results = _probe_checkpoint(args, path, ckpt, device, run_dir / "features")
+        else:
+            if args.features == "projector":
+                common.print0("  note: linear-aug and finetune train on the backbone; --features ignored")
+                base["features"] = "backbone"
+            results = _train_checkpoint(args, path, ckpt, meta, device, run_dir / "features")
+        rows += [{**base, "probe": p, "metric": m, "value": v, "std": s, "shots": n}
+                 for p, m, v, s, n in results]
+    final = _write_results(out_dir, rows)
+    _print_table([r for r in final if (r["checkpoint"], r["features"], r["dataset"]) in
+                  {(x["checkpoint"], x["features"], x["dataset"]) for x in rows}])
+    if args.plots:
+        for p in _plots(out_dir, [r for r in final if r["dataset"] == rows[0]["dataset"]], rows[0]["features"]):
+            common.print0(f"wrote {p}")
+    common.print0(f"wrote {out_dir / 'probe.csv'} and probe.json ({len(rows)} rows, "
+                  f"{time.perf_counter() - t_all:.1f} s)")
+
+
+# ----- speed benchmark: `python probe.py --mode bench` ------------------------------------------------
+
+
+def bench(args, device, n_train=50000, n_test=10000, dim=512, classes=10):
+    """Time every probe on synthetic Gaussian-mixture features (50,000 x 512 train, 10,000 x 512 test,
+    10 classes) and scikit-learn's LogisticRegression on the same features."""
+    g = torch.Generator().manual_seed(args.seed)
+    mu = torch.randn(classes, dim, generator=g) * 0.12
+    scale = torch.rand(dim, generator=g) + 0.5  # anisotropic noise, as real features have
+
+    def make(n):
+        y = torch.randint(0, classes, (n,), generator=g)
+        return mu[y] + torch.randn(n, dim, generator=g) * scale, y
+
+    (trx, try_), (tex, tey) = make(n_train), make(n_test)
+    trx, try_, tex, tey = trx.to(device), try_.to(device), tex.to(device), tey.to(device)
+    print(f"bench on {device}, {torch.get_num_threads()} threads: train {tuple(trx.shape)}, "
+          f"test {tuple(tex.shape)}")
+
+    def timed(name, fn):
+        t = time.perf_counter()
+        r = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        print(f"{name:<44} {time.perf_counter() - t:8.1f} s   {r}", flush=True)
+        return r
+
+    probes = args.probes.split(",")
+    if "knn" in probes:
+        timed("knn cosine k=20", lambda: knn_accuracy(trx, try_, tex, tey))
+        timed("knn euclidean k=5", lambda: knn_accuracy(trx, try_, tex, tey, k=5, metric="euclidean"))
+    epochs = args.epochs or 500
+    if "linear" in probes:
+        timed(f"linear_probe ({epochs} epochs)",
+              lambda: linear_probe(trx, try_, tex, tey, epochs=epochs, device=device))
+    if "fewshot" in probes:
+        timed(f"few_shot (N={','.join(map(str, args.shots))}, R={args.repeats}, test only)",
+              lambda: {(r["probe"], r["shots"]): round(r["mean"], 1) for r in
+                       few_shot(trx, try_, tex, tey, args.shots, args.repeats, epochs=args.fewshot_epochs,
+                                eval_train=False, device=device) if r["probe"] != "nccc_2way_err"})
+    if "cdnv" in probes:
+        timed("cdnv + directional_cdnv (train)",
+              lambda: (round(cdnv(trx, try_), 4), round(directional_cdnv(trx, try_), 4)))
+    if "linear" not in probes:
+        return
+    from sklearn.linear_model import LogisticRegression
+
+    def sk():
+        clf = LogisticRegression(max_iter=1000).fit(trx.cpu().numpy(), try_.cpu().numpy())
+        return {"top1": 100 * clf.score(tex.cpu().numpy(), tey.cpu().numpy()), "iters": int(clf.n_iter_[0])}
+    timed("sklearn LogisticRegression (lbfgs, C=1)", sk)
+
+
+if __name__ == "__main__":
+    common.run(main)
