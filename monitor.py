@@ -1,0 +1,1066 @@
+"""monitor.py: label-free monitoring of SSL training from saved checkpoints, plus the clustering analyses of the
+ReSA and ExCB papers.
+
+Paper: Xu, Lowe, Trappenberg, "Label-free Monitoring of Self-Supervised Learning Progress", IEEE CCECE 2022,
+arXiv 2409.06612. It asks whether metrics computed without labels track the linear-probe accuracy over a run:
+the silhouette score of k-means clusters (S_1), the agreement of two k-means clusterings (AMI(C_1; C_2)) and the
+entropy of the embedding distribution (H(Z_3)). No official code exists and only the abstract and summaries were
+readable, so everything the paper leaves open is a flag, and its default is marked "our choice" below.
+Extras: RankMe (Garrido et al., ICML 2023), alpha-ReQ (Agrawal et al., NeurIPS 2022), LiDAR (Thilak et al.,
+ICLR 2024). Analyses: ReSA (Weng et al., ICML 2025) silhouette/ARI per layer; ExCB (Maniadis et al., ECCV 2024)
+cluster-size distribution (Appendix A, Fig. 5) and t-SNE (Appendix C, Fig. 7).
+
+Commands (docs/readme_monitor.md has the details):
+    python monitor.py runs/x                               # every checkpoint: monitor.csv, correlations, plots
+    python monitor.py runs/x --features all --pairing seeds --skip-early 2
+    python monitor.py runs/x --analysis resa excb          # + resa.csv / excb.csv and their figures
+    python monitor.py --benchmark 10000                    # time the metric set on 10,000 x 512 embeddings
+Outputs (in RUN_DIR, or --out-dir): monitor.csv (long format: checkpoint, epoch, method, features, metric,
+value, note), monitor_correlations.csv, monitor_config.json, monitor_epoch_<features>.png,
+monitor_probe_<features>.png; with --analysis: resa.csv, monitor_resa.png, excb.csv, monitor_excb_sizes.png,
+monitor_excb_tsne.png.
+
+Measured (2-core CPU shared with other jobs, load 3-4, torch 2.14.1, scikit-learn 1.9.1, 1 thread):
+    full label-free metric set on 10,000 x 512 embeddings: 8.6 s with the default --max-samples 5000 (K = 10),
+    18 s with K = 100, 21 s on all 10,000 rows. ExCB digits run, 7 checkpoints, `--features all --analysis
+    resa excb`: 83 s in all (27 s for the first checkpoint, which draws and caches the views, then ~4 s each).
+
+Reading guide: the METRICS section holds pure functions on an (N, D) tensor, each usable on its own:
+    kmeans_silhouette, clustering_agreement, embedding_entropy, rankme, alpha_req, lidar, correlation_report.
+The paper tags are `# Sec.`/`# Eq.` of the respective papers; `# our choice:` marks a default the paper does
+not fix.
+"""
+
+import contextlib
+import copy
+import csv
+import json
+import math
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+# ===============================================================================================================
+# METRICS: pure functions on an (N, D) embedding tensor (no labels)
+# ===============================================================================================================
+# Symbols: x (N, D) embeddings of N images; K the number of k-means clusters; C_1, C_2 two clusterings (label
+# vectors of length N); views (n, q, D) q augmented views of each of n images (LiDAR).
+
+
+def _np32(x):
+    """(N, D) tensor or array -> C-contiguous float32 numpy array (what scikit-learn's k-means runs on)."""
+    if torch.is_tensor(x):
+        x = x.detach().cpu().float().numpy()
+    return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+
+
+def _t64(x):
+    """(N, D) tensor or array -> float64 torch tensor: spectra and log-determinants need the precision."""
+    return torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).detach().cpu().double()
+
+
+def kmeans_labels(x, n_clusters, seed, n_init=3):
+    """k-means (scikit-learn, k-means++ init, Lloyd) on (N, D) -> cluster ids (N,) int64.
+
+    our choice: n_init=3 restarts (the paper does not say; sklearn's "auto" is 1). One restart makes the
+    seeds-pairing agreement mostly measure k-means noise; 10 costs ~3x more for little change on our runs.
+    """
+    from sklearn.cluster import KMeans
+
+    km = KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed)
+    with warnings.catch_warnings():  # a collapsed embedding gives fewer distinct points than K: not an error here
+        warnings.simplefilter("ignore")
+        return km.fit_predict(_np32(x)).astype(np.int64)
+
+
+def silhouette(x, labels, sample_size=None, seed=0):
+    """Mean silhouette coefficient of a clustering, Euclidean, in the original space (not UMAP-reduced).
+
+    NaN when it is undefined (fewer than 2 or more than N-1 distinct clusters, e.g. a collapsed embedding).
+    """
+    from sklearn.metrics import silhouette_score
+
+    n_labels = len(np.unique(labels))
+    if n_labels < 2 or n_labels > len(labels) - 1:
+        return float("nan")
+    if sample_size is not None and sample_size >= len(labels):
+        sample_size = None  # sklearn would only permute: use every row
+    return float(silhouette_score(_np32(x), labels, metric="euclidean", sample_size=sample_size,
+                                  random_state=seed))
+
+
+def kmeans_silhouette(x, n_clusters, seed, sample_size=None, n_init=3):
+    """S_1 of the paper: k-means clustering C_1 of x, then its silhouette score (Euclidean, original space).
+
+    sample_size: silhouette on a random subset of that many rows (cost O(sample_size^2 D)); None = all rows.
+    (The CLI calls kmeans_labels and silhouette itself, to reuse C_1 for the agreement and the ground-truth AMI.)
+    """
+    return silhouette(x, kmeans_labels(x, n_clusters, seed, n_init), sample_size, seed)
+
+
+def clustering_agreement(x_a, x_b, n_clusters, seed, seed_b=None, n_init=3, labels_a=None):
+    """AMI(C_1; C_2): adjusted mutual information of the k-means clusterings of two embedding sets of the SAME
+    images (row i of x_a and x_b is image i).
+
+    Pairings used by the CLI (flag --pairing, written in the metric name):
+      "views": x_a = clean images, x_b = one augmented view of each, same k-means seed (does the clustering
+               survive the augmentations the network was trained to ignore?);
+      "seeds": x_b = x_a, k-means seeds `seed` and `seed_b` (is the cluster structure well defined?).
+    our choice: AMI with sklearn's default arithmetic normalisation; the paper names AMI, not the variant.
+    labels_a: C_1 if already computed for x_a with the same (n_clusters, seed).
+    """
+    from sklearn.metrics import adjusted_mutual_info_score
+
+    seed_b = seed if seed_b is None else seed_b
+    if labels_a is None:
+        labels_a = kmeans_labels(x_a, n_clusters, seed, n_init)
+    labels_b = kmeans_labels(x_b, n_clusters, seed_b, n_init)
+    return float(adjusted_mutual_info_score(labels_a, labels_b))
+
+
+def gaussian_entropy(x, eps=1e-6):
+    """Differential entropy (nats) of the Gaussian with the sample covariance of x (N, D):
+        H = D/2 * log(2 pi e) + 1/2 * log det(Sigma + eps I).
+    The Gaussian has the largest entropy for a given covariance, so this is an upper bound on H(Z) and a
+    function of the spectrum only.
+    our choice: eps = 1e-6 absolute, in the embedding's units squared. It keeps log det finite when N <= D or
+    the embedding has collapsed dimensions; each collapsed dimension then contributes 1/2 log(2 pi e eps)
+    ~ -5.5 nats, so collapse still shows as a drop. Unbiased covariance (N - 1), float64.
+    """
+    x = _t64(x)
+    n, d = x.shape
+    xc = x - x.mean(0, keepdim=True)
+    cov = xc.T @ xc / max(n - 1, 1)  # (D, D)
+    logdet = torch.linalg.slogdet(cov + eps * torch.eye(d, dtype=cov.dtype))[1]
+    return float(0.5 * d * math.log(2 * math.pi * math.e) + 0.5 * logdet)
+
+
+def knn_distances(x, k, chunk=1024):
+    """Euclidean distance of each row of x (N, D) to its k-th nearest other row -> (N,) float64."""
+    x = torch.as_tensor(_np32(x))
+    x = x - x.mean(0, keepdim=True)  # translation-invariant; centring keeps |a|^2 + |b|^2 - 2ab well conditioned
+    sq = (x * x).sum(1)
+    out = torch.empty(len(x), dtype=torch.float64)
+    for i in range(0, len(x), chunk):
+        d2 = sq[i:i + chunk, None] + sq[None, :] - 2.0 * x[i:i + chunk] @ x.T  # (chunk, N)
+        d2[torch.arange(d2.shape[0]), torch.arange(i, i + d2.shape[0])] = float("inf")  # not its own neighbour
+        out[i:i + chunk] = d2.topk(k, dim=1, largest=False).values[:, -1].clamp_min(0).double().sqrt()
+    return out
+
+
+def knn_entropy(x, k=3, min_dist=1e-10):
+    """Kozachenko-Leonenko k-NN estimate of the differential entropy (nats) of x (N, D):
+        H = psi(N) - psi(k) + log V_D + D/N * sum_i log r_i,
+    r_i = Euclidean distance from x_i to its k-th nearest neighbour, V_D = pi^(D/2) / Gamma(D/2 + 1) the
+    volume of the unit D-ball (Kraskov, Stoegbauer, Grassberger 2004, Eq. (20) with the Euclidean norm).
+    our choice: k = 3; distances floored at min_dist (duplicated images would give log 0). The estimator is
+    consistent but strongly biased when D is large relative to log N (D = 512, N = 5000): compare it only
+    within one run, as the paper does with its trends.
+    """
+    from scipy.special import digamma
+
+    n, d = x.shape
+    r = knn_distances(x, k).clamp_min(min_dist)
+    log_vd = 0.5 * d * math.log(math.pi) - math.lgamma(0.5 * d + 1)
+    return float(digamma(n) - digamma(k) + log_vd + d * r.log().mean())
+
+
+def embedding_entropy(x, estimator="gaussian", eps=1e-6, k=3):
+    """H(Z_3) of the paper, in nats. estimator: "gaussian" (log-det, see gaussian_entropy) or "knn"
+    (Kozachenko-Leonenko, see knn_entropy). our choice: the paper does not name its estimator; both are
+    reported by the CLI (--entropy), on the raw (not L2-normalised) embeddings."""
+    if estimator == "gaussian":
+        return gaussian_entropy(x, eps)
+    if estimator == "knn":
+        return knn_entropy(x, k)
+    raise ValueError(f"estimator must be 'gaussian' or 'knn', got {estimator!r}")
+
+
+def rankme(x, eps=1e-7, center=False):
+    """RankMe (Garrido et al. 2023, Eq. (1)): the exponential of the entropy of the normalised singular values,
+        p_k = sigma_k / ||sigma||_1 + eps,   RankMe = exp(-sum_k p_k log p_k).
+    It is a smooth rank: ~r for rank-r data with a flat spectrum, ~min(N, D) for isotropic data.
+    our choice: eps = 1e-7 and no centring, as in the paper's definition (and stable-ssl's monitor); pass
+    center=True to measure the rank of the covariance instead (a mean offset then adds no rank).
+    """
+    x = _t64(x)
+    if center:
+        x = x - x.mean(0, keepdim=True)
+    s = torch.linalg.svdvals(x)  # (min(N, D),)
+    p = s / s.sum().clamp_min(1e-300) + eps
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def covariance_spectrum(x):
+    """Eigenvalues of the covariance of centred x (N, D), descending, float64 -> (D,)."""
+    x = _t64(x)
+    xc = x - x.mean(0, keepdim=True)
+    return torch.linalg.eigvalsh(xc.T @ xc / max(len(x) - 1, 1)).flip(0).clamp_min(0)
+
+
+def alpha_req(x, fit_range=(0.0, 0.5)):
+    """alpha-ReQ (Agrawal et al. 2022): fit lambda_k ~ k^(-alpha) by least squares of log lambda_k on log k.
+
+    Returns {"alpha", "r2", "fit_lo", "fit_hi"}: the fitted decay, the R^2 of the log-log fit and the 1-based
+    eigenvalue ranks it used (inclusive).
+    our choice: fit over ranks in (fit_range[0] * r, fit_range[1] * r], r = number of eigenvalues above
+    1e-12 * lambda_1 (the numerical rank): the top half of the spectrum. The discarded tail is where a finite
+    sample (N not >> D) bends the spectrum down; the paper only says to leave out the noisy tail.
+    """
+    lam = covariance_spectrum(x)
+    r = int((lam > lam[0] * 1e-12).sum()) if lam[0] > 0 else 0
+    lo = int(math.floor(fit_range[0] * r)) + 1
+    hi = int(math.floor(fit_range[1] * r))
+    if hi - lo + 1 < 3:
+        return {"alpha": float("nan"), "r2": float("nan"), "fit_lo": lo, "fit_hi": hi}
+    k = torch.arange(lo, hi + 1, dtype=torch.float64)
+    lx, ly = k.log(), lam[lo - 1:hi].log()
+    slope = ((lx - lx.mean()) * (ly - ly.mean())).sum() / ((lx - lx.mean()) ** 2).sum()
+    resid = ly - (ly.mean() + slope * (lx - lx.mean()))
+    r2 = 1.0 - float((resid ** 2).sum() / ((ly - ly.mean()) ** 2).sum())
+    return {"alpha": float(-slope), "r2": r2, "fit_lo": lo, "fit_hi": hi}
+
+
+def lidar(views, delta=1e-4, eps=1e-8):
+    """LiDAR (Thilak et al. 2024): the smooth rank of the LDA matrix whose classes are the images.
+
+    views: (n, q, D), q augmented views of each of n images (each surrogate class is ONE image).
+        mu_x = mean of x's views; mu = mean of the mu_x
+        Sigma_b = 1/(n-1) sum_x (mu_x - mu)(mu_x - mu)^T
+        Sigma_w = 1/(n(q-1)) sum_x sum_i (e_xi - mu_x)(e_xi - mu_x)^T + delta I
+        Sigma_LiDAR = Sigma_w^(-1/2) Sigma_b Sigma_w^(-1/2), eigenvalues lambda
+        p_i = (lambda_i + eps) / sum_j (lambda_j + eps),  LiDAR = exp(-sum_i p_i log p_i)
+    It is at most min(D, n - 1). our choice: delta = 1e-4, eps = 1e-8 (stable-ssl's defaults; the paper's are
+    not readable here), float64.
+    """
+    e = _t64(views)
+    n, q, d = e.shape
+    if n < 2 or q < 2:
+        raise ValueError(f"lidar needs n >= 2 images and q >= 2 views each, got views of shape {tuple(e.shape)}")
+    mu_x = e.mean(1)  # (n, D)
+    b = mu_x - mu_x.mean(0, keepdim=True)
+    sigma_b = b.T @ b / (n - 1)  # (D, D)
+    w = (e - mu_x[:, None]).reshape(n * q, d)
+    sigma_w = w.T @ w / (n * (q - 1)) + delta * torch.eye(d, dtype=e.dtype)  # (D, D), positive definite
+    ev, vec = torch.linalg.eigh(sigma_w)
+    w_isqrt = vec @ torch.diag(ev.rsqrt()) @ vec.T  # Sigma_w^(-1/2)
+    lam = torch.linalg.eigvalsh(w_isqrt @ sigma_b @ w_isqrt).clamp_min(0)
+    p = (lam + eps) / (lam + eps).sum()
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Correlation with the probe accuracy across checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+
+def correlation_report(metric, probe, skip_early=0):
+    """Pearson, Spearman and Kendall (tau-b) correlation of a metric series with the probe accuracy series
+    (one value per checkpoint, in epoch order), after dropping the first `skip_early` checkpoints and any
+    checkpoint where either value is NaN.
+
+    our choice: all three statistics (the paper's is not readable); the skip_early variant because the paper
+    finds entropy unstable early in training. Returns {"n", "pearson", "spearman", "kendall"}, NaN where
+    undefined (fewer than 3 points, or a constant series).
+    """
+    from scipy import stats
+
+    m = np.asarray(metric, dtype=np.float64)[skip_early:]
+    p = np.asarray(probe, dtype=np.float64)[skip_early:]
+    ok = np.isfinite(m) & np.isfinite(p)
+    m, p = m[ok], p[ok]
+    out = {"n": int(ok.sum()), "pearson": float("nan"), "spearman": float("nan"), "kendall": float("nan")}
+    if len(m) < 3 or np.ptp(m) == 0 or np.ptp(p) == 0:
+        return out
+    out["pearson"] = float(stats.pearsonr(m, p)[0])
+    out["spearman"] = float(stats.spearmanr(m, p)[0])
+    out["kendall"] = float(stats.kendalltau(m, p)[0])
+    return out
+
+
+# ===============================================================================================================
+# CONFIG
+# ===============================================================================================================
+
+@dataclass
+class Args:
+    # what to monitor
+    run_dir: str = field(default="", metadata={"help": "run directory (its *.pt files) or one checkpoint; may "
+                                                       "also be given as the first positional argument"})
+    out_dir: str = field(default="", metadata={"help": "where monitor.csv and the PNGs go ('' = the run dir)"})
+    data_dir: str = field(default="", metadata={"help": "dataset folder ('' = the checkpoint's own)"})
+    features: str = field(default="backbone", metadata={
+        "help": "backbone | projector | all. Which embedding the metrics see; projector = the method's embedding "
+                "(projector output, L2-normalised when the method normalises it). our choice: backbone, the "
+                "representation the probe measures"})
+    max_samples: int = field(default=5000, metadata={
+        "help": "unlabelled train images per checkpoint (a fixed class-stratified subset; 0 = all). Sets the "
+                "cost: O(N^2 D) for the silhouette and k-NN entropy"})
+    seed: int = field(default=0, metadata={"help": "seed of k-means, the silhouette subset and the augmentations"})
+    # label-free metrics (every default here is our choice: the paper does not give them)
+    n_clusters: int = field(default=0, metadata={"help": "k-means K (0 = the dataset's number of classes)"})
+    kmeans_n_init: int = field(default=3, metadata={"help": "k-means restarts (k-means++ init each)"})
+    pairing: str = field(default="views", metadata={
+        "help": "clustering agreement AMI(C1; C2): 'views' = clean images vs one augmented view of each, same "
+                "k-means seed; 'seeds' = the clean embeddings clustered with seeds seed and seed+1"})
+    view_scale: tuple[float, float] = field(default=(0.2, 1.0), metadata={
+        "help": "crop scale of the augmented views (views pairing and LiDAR); the rest is common.Augment's "
+                "SimCLR-style default (flip, jitter 0.4/0.4/0.4/0.1 p=0.8, grey 0.2)"})
+    silhouette_samples: int = field(default=5000, metadata={"help": "rows the silhouette is computed on"})
+    entropy: tuple[str, ...] = field(default=("gaussian", "knn"), metadata={
+        "help": "entropy estimators: gaussian (log-det) and/or knn (Kozachenko-Leonenko)"})
+    entropy_eps: float = field(default=1e-6, metadata={"help": "Gaussian entropy: eps I added to the covariance"})
+    knn_k: int = field(default=3, metadata={"help": "Kozachenko-Leonenko: the k-th neighbour distance"})
+    rankme_eps: float = field(default=1e-7, metadata={"help": "RankMe: eps added to the normalised singular vals"})
+    rankme_center: bool = field(default=False, metadata={"help": "RankMe on centred embeddings (paper: no)"})
+    alpha_fit_range: tuple[float, float] = field(default=(0.0, 0.5), metadata={
+        "help": "alpha-ReQ: fitted eigenvalue ranks as fractions of the numerical rank"})
+    lidar_images: int = field(default=1000, metadata={"help": "LiDAR: n images (surrogate classes); 0 = skip"})
+    lidar_views: int = field(default=4, metadata={"help": "LiDAR: q augmented views per image"})
+    lidar_delta: float = field(default=1e-4, metadata={"help": "LiDAR: delta I added to Sigma_w"})
+    # label-based references
+    probe: str = field(default="auto", metadata={
+        "help": "probe accuracy: auto (probe.csv in the run dir when it covers every checkpoint, else ridge) | "
+                "csv | ridge (closed-form linear probe) | knn (weighted 20-NN, cosine) | none"})
+    probe_csv: tuple[str, ...] = field(default=("linear:top1", "knn:top1_cosine_k20", "knn:top1"), metadata={
+        "help": "probe.csv rows to use as probe:metric, in order of preference"})
+    test_samples: int = field(default=5000, metadata={"help": "labelled test images for the fast probe and "
+                                                              "--analysis resa (0 = all)"})
+    ridge_lambda: float = field(default=1e-2, metadata={"help": "ridge probe: L2 penalty (standardised features)"})
+    skip_early: int = field(default=1, metadata={
+        "help": "correlations are also reported without the first N checkpoints (the paper: entropy is "
+                "unstable early in training)"})
+    # analyses of the method papers
+    analysis: tuple[str, ...] = field(default=(), metadata={"help": "resa and/or excb (see the docstring)"})
+    resa_split: str = field(default="test", metadata={"help": "resa: split the layers are analysed on"})
+    resa_metric: str = field(default="cosine", metadata={"help": "resa: silhouette distance (cosine | euclidean)"})
+    excb_samples: int = field(default=0, metadata={"help": "excb: train images assigned to clusters (0 = all, "
+                                                           "as the paper's Fig. 5)"})
+    excb_bn: str = field(default="eval", metadata={
+        "help": "excb: BatchNorm at inference: eval (running statistics; the paper's 'simple inference', our "
+                "reading) | batch (batch statistics, as the teacher runs in training). They differ most early: "
+                "at epoch 0 the running statistics have seen only the k-means passes"})
+    tsne_classes: int = field(default=10, metadata={"help": "excb: classes in the t-SNE picture (Fig. 7)"})
+    tsne_per_class: int = field(default=100, metadata={"help": "excb: images per class in the t-SNE picture"})
+    # system
+    batch_size: int = field(default=256, metadata={"help": "feature-extraction batch size"})
+    threads: int = field(default=1, metadata={
+        "help": "CPU threads for torch and scikit-learn (0 = their defaults). our choice: 1; on the shared 2-core "
+                "machine 2 threads made the metric set 6x slower (OpenMP spin-waiting)"})
+    workers: int = field(default=0, metadata={"help": "data-loader workers"})
+    cache_gb: float = field(default=2.0, metadata={"help": "keep each transformed image set (clean, views) in "
+                                                           "memory up to this size; 0 = redo per checkpoint"})
+    skip_damaged: bool = field(default=False, metadata={"help": "skip unreadable checkpoints with a warning "
+                                                                "instead of stopping"})
+    benchmark: int = field(default=0, metadata={
+        "help": "time the full metric set on N x 512 synthetic embeddings and exit (no run dir needed)"})
+
+
+PRESETS = {
+    # a CPU smoke test: small LiDAR, one k-means restart
+    "quick": {"max_samples": 2000, "lidar_images": 200, "lidar_views": 2, "kmeans_n_init": 1,
+              "test_samples": 1000},
+}
+
+# the metrics correlated with the probe accuracy and plotted (ami_gt is the paper's label-based reference)
+MONITORED = ("silhouette", "agreement", "entropy_gaussian", "entropy_knn", "rankme", "alpha_req", "lidar",
+             "ami_gt")
+
+
+def parse(argv=None):
+    """common.parse_args plus RUN_DIR as an optional first positional argument."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-"):
+        argv = ["--run-dir", argv[0]] + argv[1:]
+    args = common.parse_args(Args, PRESETS, argv)
+    checks = [(args.features in ("backbone", "projector", "all"), "--features must be backbone, projector or all"),
+              (args.pairing in ("views", "seeds"), "--pairing must be views or seeds"),
+              (set(args.entropy) <= {"gaussian", "knn"}, "--entropy takes gaussian and/or knn"),
+              (args.probe in ("auto", "csv", "ridge", "knn", "none"),
+               "--probe must be auto, csv, ridge, knn or none"),
+              (set(args.analysis) <= {"resa", "excb", "none"}, "--analysis takes resa and/or excb"),
+              (args.resa_metric in ("cosine", "euclidean"), "--resa-metric must be cosine or euclidean"),
+              (args.resa_split in ("train", "test"), "--resa-split must be train or test"),
+              (args.excb_bn in ("eval", "batch"), "--excb-bn must be eval or batch"),
+              (args.run_dir or args.benchmark, "give a run directory: python monitor.py RUN_DIR")]
+    for ok, msg in checks:
+        if not ok:
+            sys.exit(f"error: {msg}")
+    return args
+
+
+# ===============================================================================================================
+# METRIC SET: every label-free metric of one embedding, as the CLI computes it per checkpoint
+# ===============================================================================================================
+
+def label_free_metrics(x, n_clusters, args, x_aug=None, views=None, timings=None):
+    """All label-free metrics of x (N, D). x_aug (N, D): one augmented view of the same images (pairing
+    "views"); views (n, q, D): LiDAR's views. Returns ({metric: (value, note)}, C_1 labels)."""
+    timings = {} if timings is None else timings
+    out = {}
+
+    def timed(name, fn):  # (wall, CPU) seconds: on a shared machine the CPU time is the stable number
+        t, c = time.perf_counter(), time.process_time()
+        value = fn()
+        w0, c0 = timings.get(name, (0.0, 0.0))
+        timings[name] = (w0 + time.perf_counter() - t, c0 + time.process_time() - c)
+        return value
+
+    c1 = timed("kmeans+silhouette", lambda: kmeans_labels(x, n_clusters, args.seed, args.kmeans_n_init))
+    s1 = timed("kmeans+silhouette", lambda: silhouette(x, c1, args.silhouette_samples or None, args.seed))
+    out["silhouette"] = (s1, f"K={n_clusters}, euclidean")
+    # Sec. "clustering agreement": AMI(C_1; C_2), C_2 from the augmented view or from a second k-means seed
+    if args.pairing == "views" and x_aug is not None:
+        ami = timed("agreement", lambda: clustering_agreement(x, x_aug, n_clusters, args.seed,
+                                                              n_init=args.kmeans_n_init, labels_a=c1))
+    else:
+        ami = timed("agreement", lambda: clustering_agreement(x, x, n_clusters, args.seed, args.seed + 1,
+                                                              args.kmeans_n_init, labels_a=c1))
+    pairing = "views" if args.pairing == "views" and x_aug is not None else "seeds"
+    out["agreement"] = (ami, f"AMI, pairing={pairing}, K={n_clusters}")
+    if "gaussian" in args.entropy:
+        out["entropy_gaussian"] = (timed("entropy_gaussian", lambda: embedding_entropy(
+            x, "gaussian", eps=args.entropy_eps)), f"nats, eps={args.entropy_eps:g}")
+    if "knn" in args.entropy:
+        out["entropy_knn"] = (timed("entropy_knn", lambda: embedding_entropy(x, "knn", k=args.knn_k)),
+                              f"nats, k={args.knn_k}")
+    out["rankme"] = (timed("rankme", lambda: rankme(x, args.rankme_eps, args.rankme_center)),
+                     f"eps={args.rankme_eps:g}, center={args.rankme_center}")
+    a = timed("alpha_req", lambda: alpha_req(x, args.alpha_fit_range))
+    note = f"fit ranks {a['fit_lo']}-{a['fit_hi']}"
+    out["alpha_req"], out["alpha_req_r2"] = (a["alpha"], note), (a["r2"], note)
+    if views is not None:
+        out["lidar"] = (timed("lidar", lambda: lidar(views, args.lidar_delta)),
+                        f"n={views.shape[0]}, q={views.shape[1]}, delta={args.lidar_delta:g}")
+    return out, c1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fast probes (used when probe.py's probe.csv does not cover the run; accuracies in percent like probe.py's)
+# ---------------------------------------------------------------------------------------------------------------
+
+def ridge_probe(train_x, train_y, test_x, test_y, lam=1e-2):
+    """Closed-form linear probe: least squares onto one-hot targets with an L2 penalty, on features standardised
+    with the train statistics; top-1 accuracy (%). our choice: deterministic and ~0.1 s, so it runs at every
+    checkpoint; it tracks, but is usually a few points below, a trained softmax probe."""
+    mu, sd = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    a = torch.cat([(train_x - mu) / sd, torch.ones(len(train_x), 1)], 1).double()  # (N, D+1), bias column
+    b = torch.cat([(test_x - mu) / sd, torch.ones(len(test_x), 1)], 1).double()
+    y = F.one_hot(train_y, int(max(train_y.max(), test_y.max())) + 1).double()  # (N, C)
+    reg = lam * len(a) * torch.eye(a.shape[1], dtype=a.dtype)
+    w = torch.linalg.solve(a.T @ a + reg, a.T @ y)  # (D+1, C)
+    return 100.0 * float(((b @ w).argmax(1) == test_y).double().mean())
+
+
+def knn_probe(train_x, train_y, test_x, test_y, k=20, temperature=0.07):
+    """Weighted k-NN (DINO): cosine similarity, the k nearest vote with weight exp(sim / T); top-1 (%)."""
+    tr, te = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
+    sim, idx = (te @ tr.T).topk(min(k, len(tr)), dim=1)  # (M, k)
+    votes = torch.zeros(len(te), int(max(train_y.max(), test_y.max())) + 1)
+    votes.scatter_add_(1, train_y[idx], (sim / temperature).exp())
+    return 100.0 * float((votes.argmax(1) == test_y).float().mean())
+
+
+def read_probe_csv(path, preference, dataset=None):
+    """probe.py's probe.csv (columns checkpoint, epoch, method, [features, dataset,] probe, metric, value) ->
+    ({epoch: value}, "probe metric") for the first "probe:metric" of `preference` that has rows, on backbone
+    features of the run's own dataset (not a transfer); ({}, None) when none has."""
+    if not Path(path).is_file():
+        return {}, None
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("features") in (None, "", "backbone")
+                and (dataset is None or r.get("dataset") in (None, "", dataset))]
+    for want in preference:
+        probe, _, metric = want.partition(":")
+        hits = {int(float(r["epoch"])): float(r["value"]) for r in rows
+                if r.get("probe") == probe and r.get("metric") == (metric or "top1") and r.get("value")}
+        if hits:
+            return hits, f"{probe} {metric or 'top1'}"
+    return {}, None
+
+
+# ===============================================================================================================
+# FEATURES: checkpoints -> embeddings of clean and augmented images
+# ===============================================================================================================
+
+class _Views(torch.utils.data.Dataset):
+    """q augmented views of the first n images of `base` (index j -> image j // q, view j % q)."""
+
+    def __init__(self, base, transform, n_views=1, n_images=None):
+        self.base = copy.copy(base)  # same images and subset (common.ImageDataset), raw: no eval transform
+        self.base.transform = None
+        self.transform, self.q = transform, n_views
+        self.n = len(base) if n_images is None else min(n_images, len(base))
+
+    def __len__(self):
+        return self.n * self.q
+
+    def __getitem__(self, j):
+        image, label = self.base[j // self.q]
+        return self.transform(image), label
+
+
+def projector_layers(projector):
+    """ReSA's layers of a projector nn.Sequential: [(name, module)], the hidden layers P0, P1, ... (the output
+    of each activation) and the embedding (the whole projector)."""
+    acts = [i for i, m in enumerate(projector) if isinstance(m, (nn.ReLU, nn.GELU))]
+    return [(f"proj_hidden{j}", projector[:i + 1]) for j, i in enumerate(acts)] + [("embedding", projector)]
+
+
+@torch.inference_mode()
+def apply_head(head, h, normalize=False, batch=4096):
+    """(N, D) backbone features -> head output (N, D'), in eval mode, in batches, on the head's device."""
+    head.eval()
+    device = next(head.parameters()).device if any(True for _ in head.parameters()) else torch.device("cpu")
+    out = torch.cat([head(h[i:i + batch].to(device)).float().cpu() for i in range(0, len(h), batch)])
+    return F.normalize(out, dim=1) if normalize else out
+
+
+class Data:
+    """The run's images, built once from the first checkpoint (every checkpoint of a run shares its dataset).
+
+    Images are transformed once per run and kept as tensors (each set up to --cache-gb): the augmented views
+    are drawn with a fixed seed, so every checkpoint sees exactly the same views, and the per-image transforms
+    (~2.5 ms of CPU per augmented image, most of the per-checkpoint cost on small images) are paid once, on
+    one thread (torch's intra-op threads only spin on 3 x 32 x 32 tensors: 2.6x slower on 2 cores). Above the
+    cap the images are re-transformed per checkpoint from the same seed (identical for a given --workers)."""
+
+    def __init__(self, meta, args):
+        self.meta, self.args = meta, args
+        self.data_dir = args.data_dir or None
+        self._loaders = {}
+
+    def _dl(self, ds):
+        return torch.utils.data.DataLoader(ds, batch_size=self.args.batch_size, num_workers=self.args.workers)
+
+    def loader(self, split, subset, kind="clean", n_views=1, n_images=None, seed=0):
+        if subset and ("full", split) not in self._loaders:
+            self._loaders[("full", split)] = len(common.eval_loader(self.meta, split, self.data_dir).dataset)
+        if subset and subset >= self._loaders[("full", split)]:
+            subset = 0  # a subset as large as the split is the split: share its loader and cache
+        key = (split, subset, kind, n_views, n_images, seed)
+        if key not in self._loaders:
+            loader = common.eval_loader(self.meta, split, self.data_dir, self.args.batch_size, self.args.workers,
+                                        subset=subset)
+            d = self.meta["data"]
+            size = int(d["image_size"])
+            if kind == "aug":
+                aug = common.Augment(size, scale=self.args.view_scale, mean=d["mean"], std=d["std"])
+                loader = self._dl(_Views(loader.dataset, aug, n_views, n_images))
+            if len(loader.dataset) * 3 * size * size * 4 <= self.args.cache_gb * 2**30:
+                threads = torch.get_num_threads()
+                torch.set_num_threads(1)
+                try:
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(seed)
+                        x, y = zip(*loader)
+                finally:
+                    torch.set_num_threads(threads)
+                ds = torch.utils.data.TensorDataset(torch.cat(x), torch.cat(y))
+                for attr in ("classes", "coarse_targets"):  # what the analyses read from the dataset
+                    if hasattr(loader.dataset, attr):
+                        setattr(ds, attr, getattr(loader.dataset, attr))
+                loader = self._dl(ds)
+            self._loaders[key] = loader
+        return self._loaders[key]
+
+
+def embed(backbone, heads, loader, device, feature_sets, seed=0):
+    """Features of a loader -> ({"backbone": (N, D), "projector": (N, D')}, labels (N,)).
+
+    The augmentation RNG is re-seeded before every pass (workers draw their seeds from it), so views that are
+    not cached are the same for every checkpoint too. One seed per pass, not per image: torch.manual_seed
+    costs milliseconds per call."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        h, y = common.extract_features(backbone, loader, device)
+    out = {"backbone": h}
+    if "projector" in feature_sets:
+        out["projector"] = apply_head(heads["projector"], h, bool(heads.get("normalize_output", False)))
+    return out, y
+
+
+def load_checkpoint(path, device):
+    """-> (backbone on device, heads on device, meta) from one file, read once."""
+    ckpt = common.load_checkpoint(path)
+    backbone, meta = common.load_backbone(ckpt)
+    heads = common.load_heads(ckpt)
+    meta["path"] = str(path)
+    del ckpt
+    for k, v in heads.items():
+        if isinstance(v, nn.Module):
+            heads[k] = v.to(device)
+    return backbone.to(device), heads, meta
+
+
+def validate_checkpoints(paths, skip_damaged):
+    """Read every checkpoint once before the (slow) metrics, so a damaged file stops the run at once."""
+    good, metas = [], []
+    for p in paths:
+        try:
+            ckpt = common.load_checkpoint(p)
+            metas.append(common.checkpoint_meta(ckpt, p))
+            good.append(p)
+            del ckpt
+        except common.CheckpointError as e:
+            if not skip_damaged:
+                raise common.CheckpointError(f"{e} (or pass --skip-damaged to monitor the other checkpoints)") \
+                    from None
+            print(f"warning: skipping {p}: {e}", file=sys.stderr)
+    if not good:
+        raise common.CheckpointError(f"no readable checkpoint among {len(paths)} file(s) in {paths[0].parent}")
+    return good, metas
+
+
+# ===============================================================================================================
+# ANALYSES of the method papers
+# ===============================================================================================================
+
+def resa_layer_metrics(x, labels, n_classes, seed, metric="cosine", n_init=3):
+    """ReSA's clustering properties of one layer (paper Sec. "clustering properties", Fig. 3):
+    silhouette coefficient with the ground-truth classes as clusters, mean (SC_mean, local quality) and standard
+    deviation over images (SC_std, stability), and the adjusted Rand index of k-means (K = n_classes) against
+    the classes (ARI, global quality).
+    our choice (the paper's procedure is not readable here): features L2-normalised when metric == "cosine",
+    so k-means and the silhouette see the geometry the SSL losses use; k-means n_init restarts, seeded."""
+    from sklearn.metrics import adjusted_rand_score, silhouette_samples
+
+    x = F.normalize(x.float(), dim=1) if metric == "cosine" else x.float()
+    sc = silhouette_samples(_np32(x), labels.numpy(), metric=metric)
+    ari = adjusted_rand_score(labels.numpy(), kmeans_labels(x, n_classes, seed, n_init))
+    return {"sc_mean": float(sc.mean()), "sc_std": float(sc.std()), "ari": float(ari)}
+
+
+def cluster_sizes(emb, centroids):
+    """ExCB Appendix A (Fig. 5): hard assignment of every image to its most similar centroid by plain inference
+    (no balancing operator), Eq. (1)-(3): z = cos(h(f(x)), c_k). emb (N, D), centroids (K, D) -> counts (K,)."""
+    z = F.normalize(emb.float(), dim=1) @ F.normalize(centroids.float(), dim=1).T  # (N, K) cosine
+    return torch.bincount(z.argmax(1), minlength=len(centroids))
+
+
+@torch.no_grad()
+def batch_stats_features(backbone, projector, loader, device):
+    """(h o f)(x) with BatchNorm in train mode (batch statistics), as ExCB's teacher runs during training.
+    The models are reloaded per checkpoint, so the running statistics this updates are never used."""
+    backbone.train(), projector.train()
+    out, ys = [], []
+    for x, y in loader:
+        out.append(projector(backbone(x.to(device))).float().cpu())
+        ys.append(torch.as_tensor(y))
+    backbone.eval(), projector.eval()
+    return torch.cat(out), torch.cat(ys).long()
+
+
+def cluster_size_summary(counts):
+    """Relative sizes N_c K / N (1 = the balanced size), sorted descending, and their summary."""
+    k, n = len(counts), int(counts.sum())
+    rel = (counts.double() * k / n).sort(descending=True).values
+    empty = int((counts == 0).sum())
+    return rel, {"K": k, "N": n, "empty": empty, "empty_frac": empty / k, "max_rel_size": float(rel[0]),
+                 "median_rel_size": float(rel.median()), "q10_rel_size": float(rel.quantile(0.1)),
+                 "q90_rel_size": float(rel.quantile(0.9))}
+
+
+def resa_analysis(h, heads, granularities, args):
+    """resa_layer_metrics for the encoder output h (N, D), each projector hidden layer and the embedding, at each
+    granularity [(name, labels (N,))] -> rows {layer, granularity, n, sc_mean, sc_std, ari}."""
+    layers = [("encoder", h)]
+    if "projector" in heads:
+        norm_out = bool(heads.get("normalize_output", False))
+        layers += [(name, apply_head(mod, h, norm_out and name == "embedding"))
+                   for name, mod in projector_layers(heads["projector"])]
+    return [{"layer": layer, "granularity": gran, "n": len(labels),
+             **resa_layer_metrics(x, labels, len(torch.unique(labels)), args.seed, args.resa_metric,
+                                  args.kmeans_n_init)}
+            for gran, labels in granularities for layer, x in layers]
+
+
+# ===============================================================================================================
+# PLOTS
+# ===============================================================================================================
+
+def _grid(n, ncols=4, size=3.2, right=0.98):
+    """A figure of n panels with fixed margins (matplotlib's layout engines cost seconds per figure)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ncols = min(ncols, max(n, 1))
+    nrows = max(1, math.ceil(n / ncols))
+    height = size * 0.9 * nrows + 0.6
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, height), squeeze=False)
+    fig.subplots_adjust(left=max(0.07, 0.75 / (size * ncols)), right=right, bottom=0.55 / height,
+                        top=1 - 0.65 / height, wspace=0.35,
+                        hspace=0.75 / (size * 0.9) * 2)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    return plt, fig, list(axes.flat)
+
+
+def plot_vs_epoch(series, epochs, title, path):
+    """series {name: [value per checkpoint]} -> one panel per metric against epoch."""
+    plt, fig, axes = _grid(len(series))
+    for ax, (name, vals) in zip(axes, series.items()):
+        ax.plot(epochs, vals, "o-", ms=3)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_vs_probe(series, probe, epochs, corr, title, path):
+    """Each metric against the probe accuracy, one point per checkpoint coloured by epoch; the title gives the
+    correlations over all checkpoints (Pearson r, Spearman rho, Kendall tau)."""
+    plt, fig, axes = _grid(len(series), right=0.9)
+    for ax, (name, vals) in zip(axes, series.items()):
+        sc = ax.scatter(probe, vals, c=epochs, cmap="viridis", s=18)
+        c = corr[name]
+        ax.set_title(f"{name}\nr={c['pearson']:.2f} rho={c['spearman']:.2f} tau={c['kendall']:.2f}", fontsize=8)
+        ax.set_xlabel("probe accuracy (%)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.colorbar(sc, cax=fig.add_axes([0.92, 0.3, 0.012, 0.4]), label="epoch")
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_resa(rows, title, path):
+    """ReSA Fig. 3 style: SC_mean, SC_std and ARI against epoch, one line per layer, one row per granularity."""
+    grans = sorted({r["granularity"] for r in rows}, key=["fine", "coarse"].index)
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    plt, fig, axes = _grid(3 * len(grans), ncols=3)
+    for g, gran in enumerate(grans):
+        for j, key in enumerate(("sc_mean", "sc_std", "ari")):
+            ax = axes[3 * g + j]
+            for layer in layers:
+                pts = [(r["epoch"], r[key]) for r in rows if r["layer"] == layer and r["granularity"] == gran]
+                ax.plot(*zip(*pts), "o-", ms=3, label=layer)
+            ax.set_title(f"{key} ({gran} labels)", fontsize=9)
+            ax.set_xlabel("epoch", fontsize=8)
+            ax.tick_params(labelsize=7)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_cluster_sizes(sizes, summary, path):
+    """ExCB Fig. 5: clusters sorted by relative size N_c K / N, the balanced size 1 and the empty clusters
+    marked; one curve per checkpoint (colour = epoch), the summary of the last in the title."""
+    plt, fig, axes = _grid(1, size=6.0)
+    ax = axes[0]
+    cmap = plt.get_cmap("viridis")
+    epochs = sorted(sizes)
+    for i, e in enumerate(epochs):
+        rel = sizes[e].numpy()
+        ax.plot(np.arange(1, len(rel) + 1), rel, color=cmap(i / max(len(epochs) - 1, 1)), lw=1.2,
+                label=f"epoch {e}")
+    s = summary
+    if s["empty"]:
+        ax.axvspan(s["K"] - s["empty"] + 0.5, s["K"] + 0.5, color="red", alpha=0.12,
+                   label=f"empty (last): {s['empty']}")
+    ax.axhline(1.0, color="k", ls="--", lw=0.8, label="balanced size 1")
+    ax.set_yscale("symlog", linthresh=1.0)  # linear in [0, 1] (under-used clusters), log above (over-used)
+    ax.set_ylim(0, 1.5 * max(float(r[0]) for r in sizes.values()))
+    ax.set_xlabel("cluster (sorted by size)")
+    ax.set_ylabel("relative size N_c K / N (symlog)")
+    ax.set_title(f"epoch {epochs[-1]}: K={s['K']}, N={s['N']}, {s['empty']} empty ({100 * s['empty_frac']:.1f}%), "
+                 f"largest {s['max_rel_size']:.1f}", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_tsne(emb, labels, class_names, seed, title, path):
+    """ExCB Fig. 7: scikit-learn t-SNE of the projector features (h o f)(x) of a few classes."""
+    from sklearn.manifold import TSNE
+
+    perplexity = float(min(30.0, max(2.0, (len(emb) - 1) / 3)))
+    xy = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(_np32(emb))
+    plt, fig, axes = _grid(1, size=6.0)
+    ax = axes[0]
+    for c in np.unique(labels):
+        m = labels == c
+        ax.scatter(xy[m, 0], xy[m, 1], s=6, label=class_names[c] if class_names else str(c))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, markerscale=2, loc="best")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ===============================================================================================================
+# MAIN: every checkpoint -> monitor.csv, correlations, plots
+# ===============================================================================================================
+
+def write_csv(path, rows, columns):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: r.get(c, "") for c in columns})
+
+
+def report(rows, paths, epochs, feature_sets, probe_note, skip_early, title, out):
+    """Correlation of every monitored metric with the probe accuracy (all checkpoints, and without the first
+    `skip_early`), monitor_correlations.csv and the two figures per feature set. -> (rows, files written)."""
+    names = [p.name for p in paths]
+
+    def series_of(metric, features):
+        return [next((r["value"] for r in rows if r["checkpoint"] == c and r["features"] == features
+                      and r["metric"] == metric), float("nan")) for c in names]
+
+    probe = series_of("probe_acc", "backbone")
+    corr_rows, written = [], []
+    for fs in feature_sets:
+        series = {m: series_of(m, fs) for m in MONITORED
+                  if any(r["metric"] == m and r["features"] == fs for r in rows)}
+        corr = {}
+        for m, vals in series.items():
+            for skip in sorted({0, skip_early}):
+                c = correlation_report(vals, probe, skip)
+                kind = "label-based" if m == "ami_gt" else "label-free"
+                corr_rows.append({"features": fs, "metric": m, "kind": kind,
+                                  "skip_early": skip, **c})
+                corr.setdefault(m, c)
+        fig_title = f"{title}: {fs} features, {len(names)} checkpoints"
+        has_probe = bool(np.isfinite(probe).any())
+        plot_vs_epoch({**series, **({"probe_acc (%)": probe} if has_probe else {})}, epochs, fig_title,
+                      out / f"monitor_epoch_{fs}.png")
+        written.append(f"monitor_epoch_{fs}.png")
+        if np.isfinite(probe).sum() >= 2:
+            plot_vs_probe(series, probe, epochs, corr, f"{fig_title}; probe: {probe_note}",
+                          out / f"monitor_probe_{fs}.png")
+            written.append(f"monitor_probe_{fs}.png")
+    write_csv(out / "monitor_correlations.csv", corr_rows,
+              ["features", "metric", "kind", "skip_early", "n", "pearson", "spearman", "kendall"])
+    return corr_rows, written + ["monitor_correlations.csv"]
+
+
+def benchmark(args):
+    """--benchmark N: the full metric set on N x 512 synthetic clustered embeddings, subsampled to --max-samples
+    rows as the CLI does, with LiDAR on (lidar_images, lidar_views) views. Prints seconds per metric."""
+    g = torch.Generator().manual_seed(args.seed)
+    n, d, k = args.benchmark, 512, args.n_clusters or 10
+    centres = 3.0 * torch.randn(k, d, generator=g)
+    x = centres[torch.arange(n) % k] + torch.randn(n, d, generator=g)
+    rows = torch.randperm(n, generator=g)[:args.max_samples or n]
+    xs = x[rows]
+    x_aug = xs + 0.5 * torch.randn(xs.shape, generator=g)
+    views = None
+    if args.lidar_images:
+        ni = min(args.lidar_images, len(xs))
+        views = xs[:ni, None] + 0.5 * torch.randn(ni, args.lidar_views, d, generator=g)
+    timings = {}
+    t, c = time.perf_counter(), time.process_time()
+    label_free_metrics(xs, k, args, x_aug, views, timings)
+    timings["total"] = (time.perf_counter() - t, time.process_time() - c)
+    print(f"benchmark: {n} x {d} embeddings, {len(xs)} rows used (--max-samples {args.max_samples}), K={k}, "
+          f"pairing={args.pairing}, LiDAR {0 if views is None else views.shape[0]} x {args.lidar_views} views, "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"  {'metric':<20s} {'wall s':>8s} {'CPU s':>8s}")
+    for name, (wall, cpu) in timings.items():
+        print(f"  {name:<20s} {wall:8.2f} {cpu:8.2f}")
+    return timings
+
+
+@contextlib.contextmanager
+def limited_threads(n):
+    """torch's and the BLAS/OpenMP pools scikit-learn uses (k-means) limited to n threads, restored on exit
+    (tests call main() in-process); n = 0 leaves them."""
+    if n <= 0:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        with threadpool_limits(limits=n):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def main(argv=None):
+    args = parse(argv)
+    with limited_threads(args.threads):
+        if args.benchmark:
+            benchmark(args)
+        else:
+            monitor_run(args)
+
+
+def monitor_run(args):
+    """Every checkpoint of args.run_dir -> monitor.csv, correlations, plots (and the analyses asked for)."""
+    t_start = time.perf_counter()
+    paths, metas = validate_checkpoints(common.list_checkpoints(args.run_dir), args.skip_damaged)
+    run_dir = Path(args.run_dir) if Path(args.run_dir).is_dir() else Path(args.run_dir).parent
+    out = Path(args.out_dir) if args.out_dir else run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    device = common.select_device()
+    meta0 = metas[0]
+    data = Data(meta0, args)
+
+    # which embeddings: projector only when every checkpoint stores one
+    has_proj = all("projector" in m["heads"] for m in metas)
+    if args.features == "projector" and not has_proj:
+        raise SystemExit(f"error: --features projector needs checkpoints with a 'projector' head; "
+                         f"{paths[0]} stores {meta0['heads'] or 'no heads'}")
+    feature_sets = {"backbone": ["backbone"], "projector": ["projector"],
+                    "all": ["backbone"] + (["projector"] if has_proj else [])}[args.features]
+    if "excb" in args.analysis and not all({"projector", "centroids"} <= set(m["heads"]) for m in metas):
+        raise SystemExit(f"error: --analysis excb needs heads 'projector' and 'centroids' (ExCB checkpoints); "
+                         f"{paths[0]} stores {meta0['heads'] or 'no heads'}")
+
+    # probe accuracy: probe.py's results when they cover the run (auto), else a fast probe
+    epochs = [int(m["epoch"]) for m in metas]
+    csv_acc, csv_name = read_probe_csv(run_dir / "probe.csv", args.probe_csv, meta0["data"]["dataset"])
+    probe_mode = args.probe
+    if probe_mode == "auto":
+        probe_mode = "csv" if csv_acc and all(e in csv_acc for e in epochs) else "ridge"
+    if probe_mode == "csv" and not csv_acc:
+        raise SystemExit(f"error: --probe csv: no row of {list(args.probe_csv)} in {run_dir / 'probe.csv'}; "
+                         f"run `python probe.py {run_dir}` first or use --probe ridge")
+    probe_note = {"csv": f"probe.csv {csv_name}", "ridge": f"ridge probe, lambda={args.ridge_lambda:g}",
+                  "knn": "weighted 20-NN probe", "none": ""}[probe_mode]
+
+    rows, resa_rows, excb_rows, excb_sizes, n_used = [], [], [], {}, {}
+    last_excb = None
+    for path, meta in zip(paths, metas):
+        t0 = time.perf_counter()
+        backbone, heads, meta = load_checkpoint(path, device)
+        epoch, method = int(meta["epoch"]), meta["method"]
+        def add(features, metric, value, note=""):
+            rows.append({"checkpoint": path.name, "epoch": epoch, "method": method, "features": features,
+                         "metric": metric, "value": value, "note": note})
+
+        train, y = embed(backbone, heads, data.loader("train", args.max_samples), device, feature_sets)
+        labelled = bool((y >= 0).all()) and len(torch.unique(y)) >= 2
+        n_clusters = args.n_clusters or int(meta["data"].get("num_classes") or 0) or \
+            (len(torch.unique(y)) if labelled else 10)
+        aug = views = None
+        if args.pairing == "views":
+            aug, _ = embed(backbone, heads, data.loader("train", args.max_samples, "aug", seed=args.seed), device,
+                           feature_sets, args.seed)
+        if args.lidar_images:
+            views, _ = embed(backbone, heads, data.loader("train", args.max_samples, "aug", args.lidar_views,
+                                                          args.lidar_images, args.seed + 1), device, feature_sets,
+                             args.seed + 1)
+        for fs in feature_sets:
+            v = None if views is None else views[fs].reshape(-1, args.lidar_views, views[fs].shape[1])
+            metrics, c1 = label_free_metrics(train[fs], n_clusters, args, None if aug is None else aug[fs], v)
+            for name, (value, note) in metrics.items():
+                add(fs, name, value, note)
+            if labelled:  # label-based reference of the paper: AMI(C_1; C_GT)
+                from sklearn.metrics import adjusted_mutual_info_score
+                add(fs, "ami_gt", float(adjusted_mutual_info_score(y.numpy(), c1)),
+                    f"AMI vs labels, K={n_clusters}")
+        n_used = {"train": len(y), "lidar_images": 0 if v is None else v.shape[0]}
+
+        test = None
+        resa_on_test = "resa" in args.analysis and args.resa_split == "test"
+        if labelled and (probe_mode in ("ridge", "knn") or resa_on_test):
+            try:
+                test = embed(backbone, heads, data.loader("test", args.test_samples), device, feature_sets)
+                n_used["test"] = len(test[1])
+            except common.DatasetNotFoundError as e:  # e.g. an ImageFolder without val/: no fast probe
+                print(f"warning: no labelled test split, so no fast probe and no test-split analysis ({e})",
+                      file=sys.stderr)
+        if probe_mode == "csv":
+            acc = csv_acc.get(epoch, float("nan"))
+            if epoch not in csv_acc:
+                print(f"warning: probe.csv has no {csv_name} row for epoch {epoch}", file=sys.stderr)
+        elif probe_mode in ("ridge", "knn") and test is not None:
+            fn = ridge_probe if probe_mode == "ridge" else knn_probe
+            kw = {"lam": args.ridge_lambda} if probe_mode == "ridge" else {}
+            acc = fn(train["backbone"], y, test[0]["backbone"], test[1], **kw)
+        else:
+            acc = float("nan")
+        if probe_mode != "none":
+            add("backbone", "probe_acc", acc, probe_note)
+
+        if "resa" in args.analysis and labelled and (args.resa_split == "train" or test is not None):
+            feats, yy = (train, y) if args.resa_split == "train" else test
+            ds = data.loader(args.resa_split, args.test_samples if resa_on_test else args.max_samples)
+            grans = [("fine", yy)] + ([("coarse", ds.dataset.coarse_targets)]
+                                      if hasattr(ds.dataset, "coarse_targets") else [])
+            resa_rows += [{"checkpoint": path.name, "epoch": epoch, "split": args.resa_split, **r}
+                          for r in resa_analysis(feats["backbone"], heads, grans, args)]
+
+        if "excb" in args.analysis:
+            loader = data.loader("train", args.excb_samples)
+            if args.excb_bn == "batch":
+                raw, ey = batch_stats_features(backbone, heads["projector"], loader, device)
+            else:
+                if loader is data.loader("train", args.max_samples):
+                    h, ey = train["backbone"], y
+                else:
+                    h, ey = common.extract_features(backbone, loader, device)
+                raw = apply_head(heads["projector"], h)  # (h o f)(x): the projector output, not normalised
+            rel, summary = cluster_size_summary(cluster_sizes(raw, heads["centroids"].cpu()))
+            excb_sizes[epoch] = rel
+            excb_rows.append({"checkpoint": path.name, "epoch": epoch, **summary})
+            last_excb = (raw, ey, epoch)
+
+        line = " ".join(f"{r['features'][0]}/{r['metric']}={r['value']:.4g}" for r in rows
+                        if r["checkpoint"] == path.name and r["metric"] in MONITORED + ("probe_acc",))
+        print(f"[monitor] epoch {epoch} ({path.name}, {time.perf_counter() - t0:.1f} s): {line}", flush=True)
+        del backbone, heads
+
+    # ---- correlations with the probe accuracy across checkpoints, plots -----------------------------------------
+    write_csv(out / "monitor.csv", rows, ["checkpoint", "epoch", "method", "features", "metric", "value", "note"])
+    corr_rows, written = report(rows, paths, epochs, feature_sets, probe_note, args.skip_early,
+                                f"{metas[-1]['method']} {run_dir.name}", out)
+    written = ["monitor.csv"] + written
+
+    if resa_rows:
+        write_csv(out / "resa.csv", resa_rows, ["checkpoint", "epoch", "layer", "granularity", "split", "n",
+                                               "sc_mean", "sc_std", "ari"])
+        plot_resa(resa_rows, f"{metas[-1]['method']} {run_dir.name}: ReSA clustering properties "
+                             f"({args.resa_split} split, {args.resa_metric})", out / "monitor_resa.png")
+        written += ["resa.csv", "monitor_resa.png"]
+    if excb_rows:
+        write_csv(out / "excb.csv", excb_rows, list(excb_rows[0]))
+        plot_cluster_sizes(excb_sizes, excb_rows[-1], out / "monitor_excb_sizes.png")
+        raw, ey, e = last_excb
+        classes = torch.unique(ey)[:args.tsne_classes]
+        g = torch.Generator().manual_seed(args.seed)
+        pick = torch.cat([torch.nonzero(ey == c).flatten()[torch.randperm(int((ey == c).sum()), generator=g)]
+                          [:args.tsne_per_class] for c in classes])
+        names = getattr(data.loader("train", args.excb_samples).dataset, "classes", None)
+        plot_tsne(raw[pick], ey[pick].numpy(), names, args.seed,
+                  f"{metas[-1]['method']} epoch {e}: t-SNE of projector features, {len(classes)} classes (train)",
+                  out / "monitor_excb_tsne.png")
+        written += ["excb.csv", "monitor_excb_sizes.png", "monitor_excb_tsne.png"]
+
+    config = {"args": asdict(args), "checkpoints": [str(p) for p in paths], "epochs": epochs,
+              "features": feature_sets, "probe": probe_note, "samples": n_used, "device": str(device),
+              "seconds": round(time.perf_counter() - t_start, 1)}
+    (out / "monitor_config.json").write_text(json.dumps(config, indent=1, default=str))
+    written.append("monitor_config.json")
+
+    if len(epochs) < 3 or probe_mode == "none":
+        corr_rows = []
+        print(f"[monitor] {len(epochs)} checkpoint(s): no correlation (it needs 3 checkpoints and a probe)")
+    else:
+        print(f"[monitor] correlation with the probe accuracy ({probe_note}) across {len(epochs)} checkpoints:")
+    for c in corr_rows:
+        print(f"  {c['features']:<9s} {c['metric']:<17s} skip {c['skip_early']}: n={c['n']} r={c['pearson']:.3f} "
+              f"rho={c['spearman']:.3f} tau={c['kendall']:.3f}")
+    print(f"[monitor] wrote {', '.join(written)} to {out} in {time.perf_counter() - t_start:.1f} s")
+
+
+if __name__ == "__main__":
+    common.run(main)
