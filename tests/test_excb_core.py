@@ -1,5 +1,4 @@
 """ExCB method core (excb.py METHOD section) against slow references and its invariants. CPU, ~15 s."""
-import math
 import os
 import sys
 import tempfile
@@ -12,7 +11,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import common  # noqa: E402
 import excb  # noqa: E402
 
 
