@@ -247,6 +247,11 @@ _DATASETS = {
 DATASETS = tuple(_DATASETS)
 
 
+class UsageError(ValueError):
+    """A bad command line (e.g. a batch that does not divide over the ranks, an impossible K): the scripts
+    print its one-line message instead of a traceback (see run())."""
+
+
 class DatasetNotFoundError(FileNotFoundError):
     """The data is not where --data-dir points. The message says where we looked and how to get it."""
 
@@ -1051,10 +1056,10 @@ class RunLogger:
 
 
 def run(main) -> None:
-    """Run a script's main(); our own input errors (missing data, bad checkpoint) print one clear line
+    """Run a script's main(); our own input errors (missing data, bad checkpoint, bad flags) print one clear line
     and exit with status 2 instead of a traceback."""
     try:
         main()
-    except (DatasetNotFoundError, CheckpointError) as e:
+    except (DatasetNotFoundError, CheckpointError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -286,7 +286,7 @@ def spherical_kmeans(x, K, iters=50, tries=10, seed=0, chunk=8192):
     n_total = int(common.all_reduce_sum(torch.tensor([float(n_local)], device=x.device)).item())
     per_rank = math.ceil(K / W)
     if K >= n_total or per_rank > n_local:
-        raise ValueError(f"k-means init: K={K} clusters cannot all be non-empty with {n_total} samples "
+        raise common.UsageError(f"k-means init: K={K} clusters cannot all be non-empty with {n_total} samples "
                          f"({n_local} on this rank); use --num-clusters well below the sample count "
                          f"(or raise --kmeans-samples / --train-subset)")
     gen = torch.Generator().manual_seed(seed * 1000 + common.get_rank())
@@ -428,12 +428,12 @@ def main():
     device = dist.device
     common.seed_everything(args.seed)  # same init on every rank: the teacher is not broadcast by DDP
     if args.batch_size % dist.world_size:
-        raise ValueError(f"--batch-size {args.batch_size} must divide evenly over {dist.world_size} ranks")
+        raise common.UsageError(f"--batch-size {args.batch_size} must divide evenly over {dist.world_size} ranks")
     if args.optimizer not in ("sgd", "adamw") or args.head_style not in ("resnet", "vit"):
-        raise ValueError("--optimizer takes sgd | adamw and --head-style resnet | vit")
+        raise common.UsageError("--optimizer takes sgd | adamw and --head-style resnet | vit")
     B, K, G, L = args.batch_size // dist.world_size, args.num_clusters, 2, args.n_local
     if args.backbone == "vit_small" and L and args.local_size != args.image_size:
-        raise ValueError("common.build_backbone's vit_small takes only --image-size inputs; use --n-local 0")
+        raise common.UsageError("common.build_backbone's vit_small takes only --image-size inputs; use --n-local 0")
     common.print0(f"ExCB: global batch {args.batch_size} = {dist.world_size} ranks x {B}; K={K}; "
                   f"views 2x{args.image_size}" + (f" + {L}x{args.local_size}" if L else "") + f"; device {device}")
 

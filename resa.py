@@ -283,7 +283,7 @@ def main(argv=None):
     # online net. Augmentations are seeded by (seed, epoch, index) inside the loader.
     common.seed_everything(args.seed)
     if args.batch_size % dist.world_size:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by {dist.world_size} ranks")
+        raise common.UsageError(f"--batch-size {args.batch_size} is not divisible by {dist.world_size} ranks")
     per_rank = args.batch_size // dist.world_size
     common.print0(f"resa: {args}\nglobal batch {args.batch_size} = {dist.world_size} ranks x {per_rank}")
 

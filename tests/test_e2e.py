@@ -59,3 +59,10 @@ def test_wrong_method_resume_is_refused(tmp_path):
     ckpt = common.list_checkpoints(run_dir)[0]
     out = _run(["excb.py", *TINY, "--output-dir", str(tmp_path / "e"), "--resume", str(ckpt)], tmp_path)
     assert out.returncode == 2 and "resume it with resa.py" in out.stderr
+
+
+def test_bad_configuration_is_one_clear_line(tmp_path):
+    out = _run(["excb.py", *TINY, "--num-clusters", "1000", "--kmeans-samples", "256",
+                "--output-dir", str(tmp_path / "e")], tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("error: k-means init: K=1000 clusters cannot all be non-empty")
