@@ -1012,15 +1012,32 @@ class RunLogger:
     """RUN_DIR/log.jsonl (one JSON object per line) plus one console line per log step, rank 0 only.
 
     step_line() is the only place that turns tensors into Python numbers (.item() = a host-device sync),
-    so call it at log steps only. Rates are measured over the window since the previous call.
+    so call it at log steps only. Rates are measured over the window since the previous call. Iterating the
+    loader through timed() also logs perf/data_frac, the share of the window the training loop spent blocked
+    on the loader: near 1 the run is input-bound (add --workers or cores), near 0 it is compute-bound. On
+    CUDA it is host time, so a GPU that is still busy while the host waits counts as waiting; read it as an
+    upper bound there.
     """
 
     def __init__(self, run_dir, dist: DistInfo, total_steps: int, start_step: int = 0):
         self.path = Path(run_dir) / "log.jsonl"
         self.dist, self.total = dist, total_steps
         self.last_time, self.last_step = time.perf_counter(), start_step
+        self.data_time = 0.0  # seconds blocked in the loader since the last step_line (timed())
         if dist.is_main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def timed(self, loader):
+        """Yield loader's batches, adding the time spent waiting for each one to the current log window."""
+        it = iter(loader)
+        while True:
+            t = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self.data_time += time.perf_counter() - t
+            yield batch
 
     def log(self, record: dict) -> None:
         if self.dist.is_main:
@@ -1036,9 +1053,11 @@ class RunLogger:
         now = time.perf_counter()
         steps = max(step - self.last_step, 1)
         step_time = (now - self.last_time) / steps
-        self.last_time, self.last_step = now, step
+        data_frac = min(self.data_time / max(now - self.last_time, 1e-9), 1.0)
+        self.last_time, self.last_step, self.data_time = now, step, 0.0
         rec = {"epoch": epoch, "step": step, "loss": _item(loss), "sched/lr": lr,
                "perf/images_per_s": images_per_step / step_time, "perf/step_time_s": step_time,
+               "perf/data_frac": data_frac,
                "perf/peak_mem_gb": peak_memory_gb(self.dist.device),
                "perf/eta_s": (self.total - step) * step_time}
         rec.update({k: _item(v) for k, v in (extra or {}).items()})
@@ -1050,7 +1069,7 @@ class RunLogger:
                               and isinstance(v, (int, float)))
             print(f"ep {epoch} step {step}/{self.total} loss {rec['loss']:.4f} lr {lr:.3g} "
                   f"{rec['perf/images_per_s']:.0f} img/s {step_time * 1000:.0f} ms/step "
-                  f"mem {rec['perf/peak_mem_gb']:.2f} GB eta {eta // 3600}:{eta % 3600 // 60:02d}:"
+                  f"data {100 * data_frac:.0f}% mem {rec['perf/peak_mem_gb']:.2f} GB eta {eta // 3600}:{eta % 3600 // 60:02d}:"
                   f"{eta % 60:02d} {extras}".rstrip(), flush=True)
         return rec
 

@@ -492,7 +492,7 @@ def main():
         sums = torch.zeros(4, device=device)  # loss, c_avg, a_avg, steps: epoch means without a sync
         model.train()
         teacher.train()  # OFFICIAL: the teacher uses batch statistics too
-        for views, y in loader:
+        for views, y in logger.timed(loader):
             sched = schedules(step, total, warmup, args)
             for group in optimizer.param_groups:
                 group["lr"], group["weight_decay"] = sched["lr"], sched[group["name"]]

@@ -369,7 +369,7 @@ def main(argv=None):
         loader.set_epoch(epoch)
         model.train()
         momentum.train()  # OFFICIAL: the momentum net uses batch statistics too
-        for i, (views, _) in enumerate(loader):
+        for i, (views, _) in enumerate(logger.timed(loader)):
             step = epoch * steps_per_epoch + i
             lr_t, m = lr_at(step), ema_momentum(step, total_steps, args.ema_base)
             for group in opt.param_groups:

@@ -371,7 +371,7 @@ def main(argv=None):
     for epoch in range(start_epoch, args.epochs):
         loader.set_epoch(epoch)
         ddp_model.train()
-        for (x1, x2), y in loader:
+        for (x1, x2), y in logger.timed(loader):
             lr = lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr

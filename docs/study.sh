@@ -4,18 +4,18 @@
 # ExCB without multi-crop), then probe every checkpoint with labels and monitor it without labels.
 #
 #   mkdir -p data/cifar10-jpeg && tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C data/cifar10-jpeg
-#   bash docs/study.sh                                   # defaults below: ~30 min on 2 CPU cores
+#   bash docs/study.sh                                   # defaults below: the README's study, ~1.5 h on 2 CPU cores
 #   SUBSET=200 EPOCHS=1 TEST=200 K=16 bash docs/study.sh  # the smoke version the tests run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-data/cifar10-jpeg}   # holds train/<class>/*.jpg and test/<class>/*.jpg
 OUT=${OUT:-runs/study}
-SUBSET=${SUBSET:-2500}            # training images (250 per class)
-EPOCHS=${EPOCHS:-6}
+SUBSET=${SUBSET:-5000}            # training images (500 per class)
+EPOCHS=${EPOCHS:-16}
 SAVE=${SAVE:-2}                   # checkpoint every SAVE epochs (+ epoch 0, before training)
 TEST=${TEST:-2000}                # test images for the probes
 BATCH=${BATCH:-120}               # divisible by the 10 classes (NSCL's class-balanced batches)
-K=${K:-128}                       # ExCB clusters (~20 training images per cluster)
+K=${K:-256}                       # ExCB clusters (~20 training images per cluster)
 WORKERS=${WORKERS:-2}
 PY=${PY:-python3}
 SHARED="--dataset imagefolder --data-dir $DATA --image-size 32 --train-subset $SUBSET --backbone convnet
@@ -37,3 +37,6 @@ done
 # 3. the papers' own analyses: the CL-vs-NSCL gap (NSCL paper, Fig. 2) and ExCB's cluster sizes (Fig. 5)
 $PY simclr_nscl.py eval-gap "$OUT/simclr" "$OUT/nscl" --subset "$TEST" --compare "$OUT/fig2_bottom.png"
 $PY monitor.py "$OUT/excb" --analysis excb --max-samples "$SUBSET" --out-dir "$OUT/excb/analysis"
+
+# 4. the README's tables from the files above (also in $OUT/tables.md)
+$PY docs/study_tables.py "$OUT" | tee "$OUT/tables.md"

@@ -327,6 +327,28 @@ def test_run_logger_writes_jsonl_and_console(tmp_path, capsys):
     assert math.isclose(rec["perf/eta_s"], 90 * rec["perf/step_time_s"])
 
 
+def test_run_logger_measures_time_blocked_on_the_loader(tmp_path, monkeypatch):
+    # A fake clock: each batch takes 3 s to arrive and each step 1 s to compute -> data_frac = 3/4.
+    clock = [0.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+
+    def slow_loader():
+        for i in range(4):
+            clock[0] += 3.0
+            yield i
+
+    log = common.RunLogger(tmp_path, common.DistInfo(), total_steps=4)
+    batches = []
+    for b in log.timed(slow_loader()):
+        batches.append(b)
+        clock[0] += 1.0
+    rec = log.step_line(0, 4, 0.0, 0.1, images_per_step=8)
+    assert batches == [0, 1, 2, 3]
+    assert rec["perf/data_frac"] == pytest.approx(0.75) and rec["perf/step_time_s"] == pytest.approx(4.0)
+    clock[0] += 2.0
+    assert log.step_line(0, 5, 0.0, 0.1, images_per_step=8)["perf/data_frac"] == 0.0  # window reset
+
+
 def test_synced_batchnorm_heads_are_stored_as_batchnorm(tmp_path):
     ckpt, model, _ = _checkpoint()
     head = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.Linear(128, 8), nn.BatchNorm1d(8)))
