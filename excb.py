@@ -15,7 +15,7 @@ Read beside Sec. 3 and Algorithm 1-2. Every line that implements the paper carri
 `# OFFICIAL:` where we follow the official code over the paper, `# DEVIATION:` where we differ, so
 `grep -n "Eq\.\|Alg\.\|OFFICIAL\|DEVIATION" excb.py` prints the map, in the order of one training step.
 
-Commands (expected time / result; docs/readme_excb.md has the details):
+Commands (expected time / result; README.md, section "ExCB", has the details):
   python excb.py --preset digits --output-dir runs/excb_digits          # CPU, 100-120 s on 2 shared cores
   python excb.py --preset cifar10 --data-dir data --download --output-dir runs/excb_c10   # 1 GPU, our port
   torchrun --nproc_per_node=4 excb.py --preset imagenet --data-dir /data/imagenet --output-dir runs/in1k

@@ -26,7 +26,7 @@ Commands (from the repository root):
 Expected time (unmeasured): ResNet-50x2 at 32 px costs 62 GFLOPs per image (2 views, forward + backward), so
 the cifar10 preset (2500 epochs) is 7.8e18 FLOPs: ~5 h on one H100 at 40 % of bf16 peak (estimate).
 
-Measured (CPU, 2 cores shared with ~5 other jobs, torch 2.14.1, seed 123; docs/readme_simclr_nscl.md):
+Measured (CPU, 2 cores shared with ~5 other jobs, torch 2.14.1, seed 123; README.md, section "SimCLR and NSCL"):
     digits preset (5 epochs, 155 s CPU): k-NN (cos, k=20) 86.9 -> 94.4 %; train gap 0.105 -> 0.162 (bound 0.599).
     CIFAR-10 JPEG, 5,000-image subset, convnet, 3 epochs (561 s): k-NN 33.1 -> 37.6 %; gap 0.104 -> 0.119.
     GPU presets: unmeasured (no GPU in this session).
