@@ -19,14 +19,7 @@ import common  # noqa: E402
 import probe  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors and a 2-core machine shared with other jobs: OpenMP barriers cost more than a second
-    thread saves (the probes' own CPU loops do the same, see probe._Threads)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 SIZE = 16  # digits at 16 px: 4x cheaper feature extraction than 32 px, same pipeline
 

@@ -14,14 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import probe  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors and a 2-core machine shared with other jobs: OpenMP barriers cost more than a second
-    thread saves (the probes' own CPU loops do the same, see probe._Threads)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _blobs(n, d, c, spread=1.0, seed=0, scale=None):
