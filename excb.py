@@ -205,21 +205,6 @@ class ExCBNet(nn.Module):
         return z_h, self.centroids(self.predictor(u), detach=True)  # Eq. (2) right: q-bar(g(h(f(x))))
 
 
-def balance(z, s):
-    """B(z; s), Eq. (10): z (..., K) cosine similarities, s (K,) relative cluster sizes -> z_b (..., K).
-
-    r = sK is a cluster's size relative to the balanced 1/K: r < 1 pulls z toward 1 (r = 0 gives exactly 1),
-    r > 1 pushes z toward -1 (r = K, one cluster holding everything, gives (1+z)/K - 1), r = 1 leaves z.
-    Output stays in [-1, 1] and is decreasing in s."""
-    K = s.shape[-1]
-    r = s * (K / s.sum())  # OFFICIAL: criterion.py re-normalises s to sum 1 (guards the EMA's float drift)
-    # DEVIATION: the official code adds U(0, 1e-3) noise to a weight that is exactly 0 (s underflows to 0 for a
-    # cluster unused for ~1e5 steps); Eq. (10) defines that endpoint as exactly 1, which we keep.
-    low = 1 - (1 - z) * r                          # Eq. (10), s < 1/K
-    high = (1 + z) / r.clamp(min=1) - 1            # Eq. (10), s > 1/K (the clamp only avoids 1/0 where unused)
-    return torch.where(r < 1, low, torch.where(r > 1, high, z))
-
-
 def boost_top(z_b, factor=1.01):
     """OFFICIAL (engine/criterion.py), not in the paper: each row's top balanced similarity x1.01, then clamp
     to [-1, 1]. It sharpens the teacher target a little; the released models were trained with it."""
@@ -264,6 +249,21 @@ def update_cluster_sizes(s, z_b, momentum=0.999):
     s_B = torch.zeros(K, device=s.device).index_add_(0, assign, torch.ones(len(assign), device=s.device))
     s_B = common.all_reduce_mean(s_B / len(assign))   # Eq. (8), proportions of the global batch
     return momentum * s + (1 - momentum) * s_B        # Eq. (9)
+
+
+def balance(z, s):
+    """B(z; s), Eq. (10), Sec. 3.2 (used by teacher_targets, Eq. (4)): z (..., K) cosine similarities, s (K,) relative cluster sizes -> z_b (..., K).
+
+    r = sK is a cluster's size relative to the balanced 1/K: r < 1 pulls z toward 1 (r = 0 gives exactly 1),
+    r > 1 pushes z toward -1 (r = K, one cluster holding everything, gives (1+z)/K - 1), r = 1 leaves z.
+    Output stays in [-1, 1] and is decreasing in s."""
+    K = s.shape[-1]
+    r = s * (K / s.sum())  # OFFICIAL: criterion.py re-normalises s to sum 1 (guards the EMA's float drift)
+    # DEVIATION: the official code adds U(0, 1e-3) noise to a weight that is exactly 0 (s underflows to 0 for a
+    # cluster unused for ~1e5 steps); Eq. (10) defines that endpoint as exactly 1, which we keep.
+    low = 1 - (1 - z) * r                          # Eq. (10), s < 1/K
+    high = (1 + z) / r.clamp(min=1) - 1            # Eq. (10), s > 1/K (the clamp only avoids 1/0 where unused)
+    return torch.where(r < 1, low, torch.where(r > 1, high, z))
 
 
 @torch.no_grad()
