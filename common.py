@@ -256,6 +256,52 @@ class DatasetNotFoundError(FileNotFoundError):
     """The data is not where --data-dir points. The message says where we looked and how to get it."""
 
 
+class BadImageError(RuntimeError):
+    """An image file that cannot be decoded (truncated, or not an image at all). The message names the file, the
+    folder scanned and the flag that skips such files (--skip-bad-images)."""
+
+    def __init__(self, message, path=""):
+        super().__init__(message)
+        self.path = path
+
+    def __reduce__(self):  # DataLoader workers pickle exceptions; keep the path
+        return (type(self), (str(self), self.path))
+
+
+class _ReadRGB:
+    """ImageFolder's loader: PIL image in RGB, or a BadImageError naming the file and the folder scanned. PIL
+    decodes lazily, so convert() is where a truncated JPEG or a text file named .jpg fails."""
+
+    def __init__(self, folder):
+        self.folder = str(folder)
+
+    def __call__(self, path):
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with open(path, "rb") as f:
+                return Image.open(f).convert("RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            why = "not an image file PIL recognises" if isinstance(e, UnidentifiedImageError) else str(e)[:120]
+            raise BadImageError(f"cannot read image {path} ({why}) while scanning "
+                                f"{self.folder}; delete or replace the file, or pass --skip-bad-images to skip "
+                                f"unreadable files (they are counted in the log as data/skipped_images)",
+                                path=str(path)) from None
+
+
+def split_batch(batch_size: int, world_size: int) -> int:
+    """GLOBAL --batch-size -> the per-rank batch, or a one-line UsageError (every method script calls this)."""
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1 (got {batch_size}); it is the GLOBAL batch over all ranks")
+    if batch_size < world_size:
+        raise UsageError(f"--batch-size {batch_size} is smaller than the {world_size} ranks: every rank needs at "
+                         f"least one image (use --batch-size {world_size} or more)")
+    if batch_size % world_size:
+        raise UsageError(f"--batch-size {batch_size} must divide evenly over {world_size} ranks (it is the GLOBAL "
+                         f"batch; e.g. --batch-size {batch_size // world_size * world_size})")
+    return batch_size // world_size
+
+
 @dataclasses.dataclass(frozen=True)
 class DataInfo:
     name: str
@@ -282,8 +328,8 @@ class ImageDataset(Dataset):
     available as a tensor (`targets`) for samplers and probes, and an optional index subset."""
 
     def __init__(self, source, targets, classes, transform=None, indices=None, coarse_targets=None,
-                 coarse_classes=None, name=""):
-        self.source, self.transform, self.name = source, transform, name
+                 coarse_classes=None, name="", skip_bad=False):
+        self.source, self.transform, self.name, self.skip_bad = source, transform, name, skip_bad
         targets = torch.as_tensor(np.asarray(targets), dtype=torch.long)
         self.indices = None if indices is None else torch.as_tensor(indices, dtype=torch.long)
         self.targets = targets if self.indices is None else targets[self.indices]
@@ -297,10 +343,25 @@ class ImageDataset(Dataset):
     def __len__(self):
         return len(self.targets)
 
+    def load(self, i):
+        """-> (image, label, skipped): the untransformed image. With skip_bad, an unreadable file is replaced by
+        the next readable image of the dataset (with that image's label), and `skipped` counts the files passed
+        over; the replacement is a pure function of i, so views and resume stay exact."""
+        for k in range(len(self) if self.skip_bad else 1):
+            n = (int(i) + k) % len(self)
+            j = int(self.indices[n]) if self.indices is not None else n
+            try:
+                image, _ = self.source[j]
+            except BadImageError as e:
+                if not self.skip_bad:
+                    raise
+                print(f"warning: skipped {e.path} (unreadable image)", file=sys.stderr, flush=True)
+                continue
+            return image, int(self.targets[n]), k
+        raise BadImageError(f"no readable image in the {self.name} dataset", path="")
+
     def __getitem__(self, i):
-        j = int(self.indices[i]) if self.indices is not None else int(i)
-        image, _ = self.source[j]
-        label = int(self.targets[i])
+        image, label, _ = self.load(i)
         return (self.transform(image) if self.transform is not None else image), label
 
 
@@ -349,11 +410,12 @@ def _cifar100_coarse(root: Path, train: bool):
 
 def build_dataset(name: str, split: str, transform=None, data_dir: str | None = None,
                   download: bool = False, subset: int = 0, seed: int = 0,
-                  image_size: int | None = None) -> ImageDataset:
+                  image_size: int | None = None, skip_bad: bool = False) -> ImageDataset:
     """Dataset of (transform(image), label) with .targets, .classes, .num_classes (CIFAR-100 also
     .coarse_targets/.coarse_classes). split: "train" | "test" (STL-10 also "unlabeled",
     "train+unlabeled"; their unlabeled images have label -1). subset=n keeps a class-stratified
-    random subset of n images, fixed by `seed`."""
+    random subset of n images, fixed by `seed`. An unreadable ImageFolder file raises BadImageError, or with
+    skip_bad is replaced by the next readable image and counted (ImageDataset.load)."""
     if split not in ("train", "test", "unlabeled", "train+unlabeled"):
         raise ValueError(f"unknown split {split!r}")
     root = Path(data_dir or "data").expanduser()
@@ -387,7 +449,12 @@ def build_dataset(name: str, split: str, transform=None, data_dir: str | None = 
                 f"{root}/train/<class>/*.jpg and {root}/val/<class>/* or {root}/test/<class>/*). For the "
                 f"CIFAR-10 JPEG copy: `mkdir -p data/cifar10-jpeg && tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C data/cifar10-jpeg` "
                 f"and pass --data-dir data/cifar10-jpeg --image-size 32.")
-        source = torchvision.datasets.ImageFolder(str(folder))
+        try:
+            source = torchvision.datasets.ImageFolder(str(folder), loader=_ReadRGB(folder))
+        except FileNotFoundError as e:  # no class folder, or a class folder without any image file
+            raise DatasetNotFoundError(
+                f"ImageFolder {folder} holds no usable images: {e} Expected {folder}/<class>/<image> with one "
+                f"non-empty folder per class; remove empty class folders or add their images.") from None
         targets, classes = source.targets, source.classes
     else:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
@@ -400,7 +467,7 @@ def build_dataset(name: str, split: str, transform=None, data_dir: str | None = 
         indices, _ = train_test_split(np.arange(len(t)), train_size=subset, stratify=strat,
                                       random_state=seed)
         indices = np.sort(indices)
-    return ImageDataset(source, targets, classes, transform, indices, coarse, coarse_names, name)
+    return ImageDataset(source, targets, classes, transform, indices, coarse, coarse_names, name, skip_bad)
 
 
 _INTERP = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC}
@@ -492,9 +559,10 @@ class MultiCrop:
 
 
 class _SeededViews(Dataset):
-    """Index (epoch, i) -> dataset[i] with augmentation randomness that is a pure function of
-    (seed, epoch, i). Views then do not depend on the number of workers, and a resumed run sees exactly
-    the views the uninterrupted run would have seen."""
+    """Index (epoch, i) -> (views, label, skipped) of dataset[i] with augmentation randomness that is a pure
+    function of (seed, epoch, i). Views then do not depend on the number of workers, and a resumed run sees
+    exactly the views the uninterrupted run would have seen. `skipped` counts unreadable files passed over
+    (ImageDataset.load); EpochLoader strips it and keeps the total, since workers are other processes."""
 
     def __init__(self, dataset, seed):
         self.dataset, self.seed = dataset, seed
@@ -519,29 +587,35 @@ class _SeededViews(Dataset):
                 # the CPU generator only: transforms never touch CUDA's, and torch.manual_seed's CUDA
                 # bookkeeping costs 250x more per sample
                 torch.random.default_generator.manual_seed(sample_seed)
-                return self.dataset[i]
+                image, label, skipped = self.dataset.load(i)
+                transform = self.dataset.transform
+                return (transform(image) if transform is not None else image), label, skipped
         finally:
             if in_main and threads > 1:
                 torch.set_num_threads(threads)
 
 
 class _EpochBatches:
-    """Wrap a batch sampler so that it yields [(epoch, i), ...] (read by _SeededViews)."""
+    """Wrap a batch sampler so that it yields [(epoch, i), ...] (read by _SeededViews), from batch `start` on."""
 
     def __init__(self, batch_sampler):
-        self.batch_sampler, self.epoch = batch_sampler, 0
+        self.batch_sampler, self.epoch, self.start = batch_sampler, 0, 0
 
     def __len__(self):
-        return len(self.batch_sampler)
+        return len(self.batch_sampler) - self.start
 
     def __iter__(self):
-        for batch in self.batch_sampler:
-            yield [(self.epoch, i) for i in batch]
+        for b, batch in enumerate(self.batch_sampler):
+            if b >= self.start:  # skipped batches cost their indices only: no image is loaded
+                yield [(self.epoch, i) for i in batch]
 
 
 class EpochLoader:
     """DataLoader over ranks: DistributedSampler (or a given batch sampler), per-rank batch size,
-    epoch-seeded augmentation, pinned memory on CUDA, persistent workers. Call set_epoch(e) first."""
+    epoch-seeded augmentation, pinned memory on CUDA, persistent workers. Call set_epoch(e) first;
+    set_epoch(e, start_batch=k) resumes epoch e at its k-th batch with exactly the views an uninterrupted run
+    sees there. Yields (views, labels); `skipped_images` counts unreadable files passed over (--skip-bad-images).
+    """
 
     def __init__(self, dataset, batch_size, dist: DistInfo, workers=0, shuffle=True, drop_last=True,
                  seed=0, batch_sampler=None):
@@ -551,23 +625,26 @@ class EpochLoader:
             batch_sampler = BatchSampler(self.sampler, batch_size, drop_last=drop_last)
         else:
             self.sampler = batch_sampler
-        self.batches = _EpochBatches(batch_sampler)
+        self.batches, self.skipped_images = _EpochBatches(batch_sampler), 0
         if len(self.batches) == 0:
-            raise ValueError(f"the loader yields no batch: {len(dataset)} images per epoch cannot fill a "
+            raise UsageError(f"the loader yields no batch: {len(dataset)} images per epoch cannot fill a "
                              f"batch of {batch_size} per rank x {dist.world_size} ranks; lower --batch-size")
         self.loader = DataLoader(_SeededViews(dataset, seed), batch_sampler=self.batches,
                                  num_workers=workers, pin_memory=dist.device.type == "cuda",
                                  persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.sampler.set_epoch(epoch)
-        self.batches.epoch = epoch
+        self.batches.epoch, self.batches.start = epoch, start_batch
 
     def __len__(self):
-        return len(self.batches)
+        """Batches in a whole epoch (whatever start_batch is)."""
+        return len(self.batches.batch_sampler)
 
     def __iter__(self):
-        return iter(self.loader)
+        for views, labels, skipped in self.loader:
+            self.skipped_images += int(skipped.sum())  # a CPU tensor from the collate: no device sync
+            yield views, labels
 
 
 def build_loader(dataset, batch_size, dist: DistInfo, workers=0, shuffle=True, drop_last=True, seed=0,
@@ -1079,6 +1156,9 @@ def run(main) -> None:
     and exit with status 2 instead of a traceback."""
     try:
         main()
-    except (DatasetNotFoundError, CheckpointError, UsageError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+    except (DatasetNotFoundError, CheckpointError, UsageError, BadImageError) as e:
+        msg = str(e).strip()
+        if "Original Traceback" in msg:  # raised in a DataLoader worker: our message is the traceback's last line
+            msg = re.sub(r"^[\w.]*Error: ", "", msg.splitlines()[-1])
+        print(f"error: {msg}", file=sys.stderr, flush=True)
         sys.exit(2)
