@@ -8,9 +8,10 @@ Sections (banner comments below, in this order):
   1. distributed  setup from torchrun's environment, rank-0 printing, gathers with the right gradient
   2. data         datasets (digits, CIFAR-10/100, STL-10, ImageFolder), view recipes, epoch-seeded loaders
   3. backbones    ResNet-18/50 (CIFAR or ImageNet stem, width multiplier), ViT-S, a tiny convnet
-  4. checkpoints  one documented format, atomic writes, strict loading with clear errors
+  4. checkpoints  one documented format, atomic writes, strict loading with clear errors, --resume auto
   5. features     un-augmented evaluation loaders and feature extraction
   6. utilities    dataclass -> argparse, cosine schedule, JSON-lines run logger
+  7. survival     divergence guard, preemption signals, per-step seeding, the scripts' entry point (run)
 
 Checkpoint format (a dict saved with torch.save, loadable with weights_only=True):
   format          "ssl-clustering/1"
@@ -24,9 +25,13 @@ Checkpoint format (a dict saved with torch.save, loadable with weights_only=True
                   "centroids": (K, D) tensor, ...}; the projector is a layer spec + state, so monitor.py and
                   probe.py rebuild it without importing the method file
   data            {"dataset", "data_dir", "image_size", "mean", "std", "num_classes", "subset"}
-  train_state     everything the method needs to resume exactly (model, teacher, optimizer, method state);
-                  read only by the method that wrote it
+  train_state     everything the method needs to resume exactly (model, teacher, optimizer, GradScaler, method
+                  state, and mid-epoch accumulators for a preemption checkpoint); read only by the method that
+                  wrote it
+  precision       the resolved training precision: "bf16" | "fp16" | "fp32"
   torch_version   for the record
+File names: ckpt_epoch0010.pt after 10 epochs; ckpt_epoch0010_step004321.pt when a run was stopped by a signal
+in epoch 11 (checkpoint_name); a later checkpoint of the resumed run deletes it (prune_interrupted).
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ import pickle
 import random
 import re
 import resource
+import signal
 import sys
 import time
 import typing
@@ -217,11 +223,66 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA (no GradScaler needed: bf16 has fp32's exponent range); no-op on CPU."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+# --- precision: --precision auto|bf16|fp16|fp32 on every training script; evaluation extracts in fp32 -----------
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+_AUTOCAST_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """--precision -> bf16 | fp16 | fp32. auto: bf16 on a GPU that runs it natively (Ampere, Hopper and newer),
+    fp16 with a GradScaler on older GPUs (V100, T4, RTX 20xx emulate bf16 slowly; the official ExCB and ReSA
+    ImageNet codes use fp16 + GradScaler), fp32 on CPU. An explicit value is taken as it is (bf16 and fp16
+    autocast also run on CPU, which is how the tests check the float32 islands)."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision takes {' | '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    try:
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # older torch: no emulation flag; compute capability 8.0+ has bf16 tensor cores
+        native = torch.cuda.get_device_capability(device)[0] >= 8
+    return "bf16" if native else "fp16"
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast context of a RESOLVED precision (bf16 / fp16 mixed precision; fp32: none). The float32 islands
+    (cosine similarities, Sinkhorn, losses, ExCB's centroid layer) switch autocast off themselves."""
+    dtype = _AUTOCAST_DTYPE[precision]
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+class MixedPrecision:
+    """A training loop's precision: its autocast context and the backward + optimizer step that fp16 needs.
+
+    fp16 has a 5-bit exponent, so small gradients underflow to 0: a GradScaler multiplies the loss by a large
+    factor before backward, unscales before clipping and the step, skips steps whose gradients overflowed and
+    adapts the factor. bf16 has fp32's exponent range and needs none of it (the scaler is then disabled and
+    every call below is a plain backward / step). Its state goes into checkpoints for exact resume."""
+
+    def __init__(self, precision: str, device: torch.device):
+        self.name, self.device = resolve_precision(precision, device), device
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.name == "fp16")
+
+    def autocast(self):
+        return autocast(self.device, self.name)
+
+    def backward_step(self, loss, optimizer, clip_params=None, clip: float = 0.0) -> None:
+        """backward, optional global-norm clipping of clip_params at `clip`, optimizer step (scaled in fp16)."""
+        self.scaler.scale(loss).backward()
+        if clip > 0:
+            self.scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
+            nn.utils.clip_grad_norm_(clip_params, clip)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def state_dict(self) -> dict:
+        return self.scaler.state_dict() if self.scaler.is_enabled() else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state)
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -834,7 +895,7 @@ def _plain(x):
 
 def make_checkpoint(method: str, epoch: int, step: int, args, backbone_spec: dict, eval_backbone: nn.Module,
                     eval_encoder: str, data_info: DataInfo, train_state: dict, heads: dict | None = None,
-                    data_dir: str | None = None, subset: int = 0) -> dict:
+                    data_dir: str | None = None, subset: int = 0, precision: str = "fp32") -> dict:
     """Assemble a checkpoint in the format of this module's docstring."""
     eval_backbone = unwrap(eval_backbone)
     spec = dict(backbone_spec)
@@ -857,7 +918,7 @@ def make_checkpoint(method: str, epoch: int, step: int, args, backbone_spec: dic
                  "image_size": data_info.image_size, "mean": list(data_info.mean),
                  "std": list(data_info.std), "num_classes": data_info.num_classes,
                  "subset": int(subset or a.get("train_subset", 0) or 0)},
-        "train_state": train_state, "torch_version": str(torch.__version__),
+        "train_state": train_state, "precision": precision, "torch_version": str(torch.__version__),
     }
 
 
@@ -907,7 +968,7 @@ def load_checkpoint(path, method: str | None = None) -> dict:
 def checkpoint_meta(ckpt: dict, path=None) -> dict:
     """Everything about a checkpoint except its tensors."""
     meta = {k: ckpt[k] for k in ("format", "method", "epoch", "step", "args", "backbone", "eval_encoder",
-                                 "data", "torch_version") if k in ckpt}
+                                 "data", "precision", "torch_version") if k in ckpt}
     meta["heads"] = sorted(ckpt.get("heads", {}))
     meta["path"] = str(path) if path is not None else None
     return meta
@@ -942,9 +1003,25 @@ def load_heads(path_or_ckpt) -> dict:
     return heads
 
 
+def checkpoint_name(epoch: int, step: int | None = None) -> str:
+    """ckpt_epoch0010.pt after 10 whole epochs; ckpt_epoch0010_step004321.pt for a run stopped (preempted) in
+    epoch 11 after global step 4321: epoch always counts COMPLETED epochs."""
+    return f"ckpt_epoch{epoch:04d}.pt" if step is None else f"ckpt_epoch{epoch:04d}_step{step:06d}.pt"
+
+
+def _checkpoint_order(f: Path):
+    """Sort key from a file name: (epochs completed, step within the next epoch or -1, name); names of another
+    form sort by their last number."""
+    m = re.search(r"epoch(\d+)(?:_step(\d+))?", f.stem)
+    if m:
+        return (int(m.group(1)), int(m.group(2)) if m.group(2) else -1, f.name)
+    nums = re.findall(r"\d+", f.stem)
+    return (int(nums[-1]) if nums else -1, -1, f.name)
+
+
 def list_checkpoints(path) -> list[Path]:
-    """A checkpoint file -> [it]; a run directory -> its *.pt files in epoch order (the last number
-    in the file name, e.g. ckpt_epoch0010.pt)."""
+    """A checkpoint file -> [it]; a run directory -> its *.pt files in training order (ckpt_epoch0010.pt, then a
+    mid-epoch ckpt_epoch0010_step004321.pt, then ckpt_epoch0011.pt)."""
     p = Path(path)
     if p.is_file():
         return [p]
@@ -954,12 +1031,74 @@ def list_checkpoints(path) -> list[Path]:
     if not files:
         raise CheckpointError(f"no checkpoints (*.pt) in {p}; train into it first, e.g. "
                               f"`python resa.py --preset digits --output-dir {p}`")
+    return sorted(files, key=_checkpoint_order)
 
-    def key(f):
-        nums = re.findall(r"\d+", f.stem)
-        return (int(nums[-1]) if nums else -1, f.name)
 
-    return sorted(files, key=key)
+# Flags that may change when a run is continued: where things are, how fast, how chatty. Everything else defines
+# the run, and --resume auto refuses a run directory whose checkpoint says otherwise.
+RESUME_MAY_DIFFER = {"resume", "output_dir", "data_dir", "download", "workers", "compile", "log_every",
+                     "save_every", "save_epoch0", "data_path", "skip_bad_images"}
+
+
+def config_diff(saved: dict, args) -> list[str]:
+    """'name: saved -> now' for every run-defining field that differs between a checkpoint and this command."""
+    now = _plain(args)
+    return [f"--{k.replace('_', '-')}: {saved[k]!r} in the run, {now[k]!r} now" for k in sorted(now)
+            if k in saved and k not in RESUME_MAY_DIFFER and saved[k] != now[k]]
+
+
+def resume_checkpoint(args, method: str) -> dict | None:
+    """--resume -> the checkpoint to continue from, or None for a fresh start. Every method script calls this.
+
+    ""     fresh start; refused if --output-dir already holds checkpoints (rerunning a command must not
+           overwrite a run: continue it with --resume auto, or pick another --output-dir).
+    auto   the newest readable checkpoint of this method in --output-dir (damaged files are skipped with a
+           note), or a fresh start when there is none, so a job script can resubmit the same command line after
+           a preemption. A checkpoint whose configuration differs from this command is refused, naming what
+           differs (see RESUME_MAY_DIFFER for what may change).
+    PATH   that checkpoint; differences in configuration are printed (a deliberate change, e.g. a lower lr
+           after a divergence) but allowed.
+    """
+    run_dir = Path(args.output_dir)
+    existing = sorted(run_dir.glob("*.pt"), key=_checkpoint_order) if run_dir.is_dir() else []
+    if not args.resume:
+        if existing:
+            raise UsageError(f"{run_dir} already holds checkpoints (newest: {existing[-1].name}); pass --resume auto "
+                             f"to continue that run, or choose another --output-dir to start a new one")
+        return None
+    if args.resume != "auto":
+        ckpt = load_checkpoint(args.resume, method=method)
+        diff = config_diff(ckpt["args"], args)
+        if diff:
+            print0(f"note: resuming {args.resume} with a changed configuration: " + "; ".join(diff))
+        return ckpt
+    for path in reversed(existing):
+        try:
+            ckpt = load_checkpoint(path, method=method)
+        except CheckpointError as e:
+            if "was written by" in str(e):
+                raise
+            print0(f"note: skipping {path.name}: {e}")
+            continue
+        diff = config_diff(ckpt["args"], args)
+        if diff:
+            raise UsageError(f"--resume auto: {path} belongs to a run configured differently: " + "; ".join(diff)
+                             + ". Rerun with the run's own flags, or choose another --output-dir")
+        print0(f"--resume auto: continuing from {path} (epoch {ckpt['epoch']}, step {ckpt['step']})"
+               + (f"; the run already finished its {args.epochs} epochs" if ckpt["epoch"] >= args.epochs else ""))
+        return ckpt
+    print0(f"--resume auto: no checkpoint in {run_dir}, starting fresh")
+    return None
+
+
+def prune_interrupted(run_dir, step: int) -> None:
+    """Rank 0, after writing a checkpoint at `step`: delete mid-epoch (preemption) checkpoints of earlier steps,
+    which that newer checkpoint supersedes, so a finished run directory holds the same files as a run that was
+    never interrupted."""
+    for f in Path(run_dir).glob("ckpt_epoch*_step*.pt"):
+        m = re.search(r"_step(\d+)$", f.stem)
+        if m and int(m.group(1)) < step:
+            f.unlink(missing_ok=True)
 
 
 # ================================================================================================
@@ -988,13 +1127,18 @@ def eval_loader(meta_or_data: dict, split: str, data_dir: str | None = None, bat
                       pin_memory=torch.cuda.is_available())
 
 
-def extract_features(model: nn.Module, loader, device: torch.device | None = None):
-    """-> (features float32 (N, D) on CPU, labels long (N,)), in eval mode under inference_mode, bf16
-    autocast on CUDA. Features stay on the device until the end: one transfer, no per-batch sync."""
+def extract_features(model: nn.Module, loader, device: torch.device | None = None, precision: str = "fp32"):
+    """-> (features float32 (N, D) on CPU, labels long (N,)), in eval mode under inference_mode. Features stay on
+    the device until the end: one transfer, no per-batch sync.
+
+    float32 by default on every device: rounding features to bf16 (8-bit mantissa) changes exactly what the
+    label-free metrics measure (on a rank-16 embedding it moves alpha-ReQ from 0.16 to 2.88 and RankMe from 15.1
+    to 16.5), and casting back with .float() cannot undo it. precision="bf16" is the faster opt-in (probe.py /
+    monitor.py --precision bf16, recorded in their outputs and cache names)."""
     device = device or next(model.parameters()).device
     model.eval()
     feats, labels = [], []
-    with torch.inference_mode(), autocast(device):
+    with torch.inference_mode(), autocast(device, precision):
         for x, y in loader:
             x = x.to(device, non_blocking=True)
             if device.type == "cuda":
@@ -1143,7 +1287,7 @@ class RunLogger:
             eta = int(rec["perf/eta_s"])
             extras = " ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in rec.items()
                               if k not in ("epoch", "step", "loss", "sched/lr") and not k.startswith("perf/")
-                              and isinstance(v, (int, float)))
+                              and isinstance(v, (int, float)) and not (k.startswith("data/") and v == 0))
             print(f"ep {epoch} step {step}/{self.total} loss {rec['loss']:.4f} lr {lr:.3g} "
                   f"{rec['perf/images_per_s']:.0f} img/s {step_time * 1000:.0f} ms/step "
                   f"data {100 * data_frac:.0f}% mem {rec['perf/peak_mem_gb']:.2f} GB eta {eta // 3600}:{eta % 3600 // 60:02d}:"
@@ -1151,14 +1295,117 @@ class RunLogger:
         return rec
 
 
+# ================================================================================================
+# 7. RUNS THAT SURVIVE: divergence, preemption, per-step seeding, the scripts' entry point
+# ================================================================================================
+
+
+class DivergenceError(RuntimeError):
+    """The loss became nan/inf: the run stops (exit status 3) before writing anything of the diverged state."""
+
+
+class DivergenceGuard:
+    """Stops a run at the first non-finite loss, before any checkpoint of the diverged state is written.
+
+    update() runs every step and only compares on the device (no host sync): it keeps the first step whose loss
+    was nan/inf. check() is the one sync: every rank calls it at log steps and before every save (all ranks reach
+    those at the same step), and it raises DivergenceError naming the step, epoch, lr, the last good checkpoint
+    and what to try. Between a divergence and the next check the run computes garbage, but writes none of it.
+    """
+
+    def __init__(self, device: torch.device, steps_per_epoch: int, total_steps: int, lr_at, run_dir):
+        self.first = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step; -1: none yet
+        self.value = torch.zeros((), device=device)                        # the loss at that step
+        self.steps_per_epoch, self.total, self.lr_at, self.run_dir = steps_per_epoch, total_steps, lr_at, run_dir
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        """step: the number of this optimizer step as the log shows it (1 = the first step of the run)."""
+        loss = loss.detach().float()
+        new = ~torch.isfinite(loss) & (self.first < 0)
+        self.first = torch.where(new, step, self.first)
+        self.value = torch.where(new, loss, self.value)
+
+    def check(self) -> None:
+        never = torch.iinfo(torch.long).max
+        first = torch.where(self.first < 0, never, self.first)
+        if get_world_size() > 1:  # the earliest divergence over ranks; all ranks then raise together
+            first = first.clone()
+            tdist.all_reduce(first, op=tdist.ReduceOp.MIN)
+        step = int(first.item())
+        if step == never:
+            return
+        value = f"{float(self.value):g}" if int(self.first) == step else "non-finite"
+        good = sorted(Path(self.run_dir).glob("*.pt"), key=_checkpoint_order)
+        epoch = (step - 1) // self.steps_per_epoch
+        where = (f"the last good checkpoint is {good[-1]}; continue from it with --resume {good[-1]}" if good
+                 else "no checkpoint had been written yet")
+        raise DivergenceError(
+            f"the loss became {value} at step {step}/{self.total} (ep {epoch}, lr {self.lr_at(step - 1):.4g}); the "
+            f"run stopped without writing a checkpoint of the diverged state: {where}. Try a lower --lr (e.g. 10x "
+            f"lower), a longer --warmup-epochs or gradient clipping, or --precision fp32 if fp16 overflowed.")
+
+
+class StopSignal:
+    """Preemption: SIGTERM (what SLURM, Kubernetes and torchrun send before a kill) or SIGUSR1 (SLURM's
+    `--signal=USR1@120`) asks the run to stop. Every rank finishes its step, rank 0 writes a resumable
+    checkpoint, and the processes exit with status 0; the same command line with --resume auto then continues
+    exactly where the run stopped.
+
+    Ranks receive the signal at slightly different moments, so they agree through a collective: every step each
+    rank starts a non-blocking all-reduce (MAX) of its flag on a CPU (gloo) group and reads the result of the
+    previous step's all-reduce, which has long arrived. All ranks therefore stop after the same step (one step
+    after the first rank got the signal), and no GPU stream ever waits for it."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, dist: DistInfo):
+        self.received, self.world = None, dist.world_size
+        self.previous = {sig: signal.signal(sig, self._handler) for sig in self.SIGNALS}
+        self.group = tdist.new_group(backend="gloo") if dist.world_size > 1 else None  # collective: all ranks
+        self.work, self.flag, self.stopping = None, torch.zeros(1), False
+
+    def _handler(self, signum, frame):
+        if self.received is None:
+            print(f"received {signal.Signals(signum).name}: finishing this step, then saving a checkpoint",
+                  file=sys.stderr, flush=True)
+        self.received = signal.Signals(signum).name
+
+    def __call__(self) -> bool:
+        """Call once per step on every rank: True (and .stopping from then on) when the run must stop now."""
+        if self.world == 1:
+            self.stopping = self.received is not None
+            return self.stopping
+        if self.work is not None:
+            self.work.wait()
+            self.stopping = bool(self.flag.item() > 0)  # a CPU tensor: no device sync
+        self.flag = torch.tensor([0.0 if self.received is None else 1.0])
+        self.work = tdist.all_reduce(self.flag, op=tdist.ReduceOp.MAX, group=self.group, async_op=True)
+        return self.stopping
+
+    def close(self) -> None:
+        """Wait for the last all-reduce (every rank posted it) and restore the previous signal handlers."""
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Reseed torch's generators from (seed, step, rank) at the start of every training step. Random ops inside
+    a step (a ViT's drop-path) are then a pure function of the step, so a resumed run, even one stopped
+    mid-epoch, draws exactly what the uninterrupted run drew, without saving generator states; ranks differ."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
+
+
 def run(main) -> None:
-    """Run a script's main(); our own input errors (missing data, bad checkpoint, bad flags) print one clear line
-    and exit with status 2 instead of a traceback."""
+    """Run a script's main(). Our own input errors (missing data, an unreadable image, a bad checkpoint, bad flags)
+    print one clear line and exit with status 2, a diverged run with status 3, instead of a traceback."""
     try:
         main()
-    except (DatasetNotFoundError, CheckpointError, UsageError, BadImageError) as e:
+    except (DatasetNotFoundError, CheckpointError, UsageError, BadImageError, DivergenceError) as e:
         msg = str(e).strip()
         if "Original Traceback" in msg:  # raised in a DataLoader worker: our message is the traceback's last line
             msg = re.sub(r"^[\w.]*Error: ", "", msg.splitlines()[-1])
         print(f"error: {msg}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.exit(3 if isinstance(e, DivergenceError) else 2)

@@ -95,7 +95,12 @@ class Args:
     output_dir: str = _f("runs/excb", "run directory: log.jsonl and ckpt_epoch*.pt")
     save_every: int = _f(20, "checkpoint every N epochs (plus the last)")
     save_epoch0: bool = _f(False, "also checkpoint the k-means-initialised network before training (epoch 0)")
-    resume: str = _f("", "checkpoint to resume from (strict: student, teacher, optimizer, s, step)")
+    resume: str = _f("", "PATH: continue from that checkpoint (strict: student, teacher, optimizer, s, step); "
+                         "auto: the newest in --output-dir, or start fresh (resubmittable after a preemption)")
+    skip_bad_images: bool = _f(False, "skip unreadable image files (counted as data/skipped_images) instead of "
+                                      "stopping")
+    precision: str = _f("auto", "auto | bf16 | fp16 | fp32: auto = bf16 on GPUs with native bf16, fp16 + "
+                                "GradScaler on older GPUs (official: fp16), fp32 on CPU")
     compile: bool = _f(False, "torch.compile the student and the teacher")
     log_every: int = _f(50, "log every N steps")
 
@@ -362,14 +367,14 @@ def build_views(args, info):
 
 # ===================================== TRAINING LOOP: plumbing ============================================
 @torch.no_grad()
-def init_centroids(student, teacher, loader, args, device):
+def init_centroids(student, teacher, loader, args, device, prec):
     """k-means init (OFFICIAL trainer.init_centroids): the RANDOM teacher's L2-normalised projections of up
     to --kmeans-samples images, one global view per batch (alternating by batch parity)."""
     want, feats, seen = math.ceil(args.kmeans_samples / common.get_world_size()), [], 0
     loader.set_epoch(0)
     for i, (views, _) in enumerate(loader):
         x = views[i % 2].to(device, non_blocking=True)
-        with common.autocast(device):
+        with prec.autocast():
             u = teacher.projector(teacher.backbone(channels_last(x, device)))
         feats.append(F.normalize(u.float(), dim=1))
         seen += len(x)
@@ -407,18 +412,31 @@ def schedules(step, total, warmup, args):
     return {"lr": lr, "decay": wd, "no_decay": 0.0, "centroids": wd_centroids, "ema": m}
 
 
-def save(path, epoch, step, args, info, student, teacher, optimizer, s):
-    """Rank 0: common.py's format; the TEACHER backbone is the evaluation encoder (OFFICIAL linear eval)."""
+def stack_views(views, device):
+    """Same-resolution views -> one (V*B, 3, H, W) batch on the device (None for no views). Each view is copied
+    on its own, then concatenated ON the device: a host-side torch.cat would build an unpinned tensor whose copy
+    blocks, a single-threaded host copy of ~480 MB per step with the ImageNet preset on 4 GPUs."""
+    if not views:
+        return None
+    x = torch.cat([v.to(device, non_blocking=True) for v in views])
+    return channels_last(x, device)
+
+
+def save(path, epoch, step, args, info, student, teacher, optimizer, s, prec, epoch_sums=None):
+    """Rank 0: common.py's format; the TEACHER backbone is the evaluation encoder (OFFICIAL linear eval).
+    epoch_sums: this epoch's partial Fig. 4 accumulators, stored by a mid-epoch (preemption) checkpoint."""
     projector = build_heads(student.projector[0].in_features, args.proj_hidden, args.proj_dim,
                             args.head_style)[0]
     projector.load_state_dict(teacher.projector.state_dict())  # plain BatchNorm1d even if the teacher has SyncBN
     heads = {"projector": projector, "normalize_output": True,
              "centroids": F.normalize(teacher.centroids.weight.detach().float(), dim=1)}
     train_state = {"student": student.state_dict(), "teacher": teacher.state_dict(),
-                   "optimizer": optimizer.state_dict(), "s": s.detach().cpu()}
+                   "optimizer": optimizer.state_dict(), "s": s.detach().cpu(), "scaler": prec.state_dict()}
+    if epoch_sums is not None:
+        train_state["epoch_sums"] = {k: v.detach().cpu() for k, v in epoch_sums.items()}
     spec = common.backbone_spec(args.backbone, args.image_size, zero_init_residual=args.zero_init_residual)
     ckpt = common.make_checkpoint("excb", epoch, step, args, spec, teacher.backbone, "teacher", info,
-                                  train_state, heads=heads)
+                                  train_state, heads=heads, precision=prec.name)
     common.save_checkpoint(path, ckpt)
 
 
@@ -427,20 +445,24 @@ def main():
     dist = common.setup_distributed()
     device = dist.device
     common.seed_everything(args.seed)  # same init on every rank: the teacher is not broadcast by DDP
-    if args.batch_size % dist.world_size:
-        raise common.UsageError(f"--batch-size {args.batch_size} must divide evenly over {dist.world_size} ranks")
+    B = common.split_batch(args.batch_size, dist.world_size)
+    # DEVIATION: --precision auto is bf16 on GPUs that have it (official: fp16 + GradScaler = --precision fp16);
+    # the centroid cosines, balancing and loss run in float32 in every mode
+    prec = common.MixedPrecision(args.precision, device)
     if args.optimizer not in ("sgd", "adamw") or args.head_style not in ("resnet", "vit"):
         raise common.UsageError("--optimizer takes sgd | adamw and --head-style resnet | vit")
-    B, K, G, L = args.batch_size // dist.world_size, args.num_clusters, 2, args.n_local
+    K, G, L = args.num_clusters, 2, args.n_local
     if args.backbone == "vit_small" and L and args.local_size != args.image_size:
         raise common.UsageError("common.build_backbone's vit_small takes only --image-size inputs; use --n-local 0")
     common.print0(f"ExCB: global batch {args.batch_size} = {dist.world_size} ranks x {B}; K={K}; "
-                  f"views 2x{args.image_size}" + (f" + {L}x{args.local_size}" if L else "") + f"; device {device}")
+                  f"views 2x{args.image_size}" + (f" + {L}x{args.local_size}" if L else "")
+                  + f"; device {device}, precision {prec.name}")
 
     # --- data: labels only feed the purity diagnostic ---
     info = common.dataset_info(args.dataset, args.image_size)
     train = common.build_dataset(args.dataset, "train", build_views(args, info), args.data_dir, args.download,
-                                 args.train_subset, args.seed, image_size=args.image_size)
+                                 args.train_subset, args.seed, image_size=args.image_size,
+                                 skip_bad=args.skip_bad_images)
     info = dataclasses.replace(info, num_classes=train.num_classes)
     has_labels = bool((train.targets >= 0).all())
     loader = common.build_loader(train, B, dist, args.workers, seed=args.seed)
@@ -460,19 +482,20 @@ def main():
     optimizer = (torch.optim.SGD(param_groups(student), lr=0.0, momentum=0.9) if args.optimizer == "sgd"
                  else torch.optim.AdamW(param_groups(student), lr=0.0, betas=(0.9, 0.999)))
 
-    # --- resume (strict) or k-means init ---
-    start_epoch, step = 0, 0
-    if args.resume:
-        ckpt = common.load_checkpoint(args.resume, method="excb")
+    # --- resume (strict; --resume PATH | auto) or k-means init ---
+    step, epoch_sums = 0, None
+    ckpt = common.resume_checkpoint(args, "excb")
+    if ckpt is not None:
         state = ckpt["train_state"]
         student.load_state_dict(state["student"])
         teacher.load_state_dict(state["teacher"])
         optimizer.load_state_dict(state["optimizer"])
-        s = state["s"].to(device)
-        start_epoch, step = ckpt["epoch"], ckpt["step"]
-        common.print0(f"resumed from {args.resume}: epoch {start_epoch}, step {step}")
+        prec.load_state_dict(state.get("scaler", {}))
+        s, step = state["s"].to(device), ckpt["step"]
+        epoch_sums = state.get("epoch_sums")  # a run stopped mid-epoch: its partial Fig. 4 statistics
+        common.print0(f"resumed at epoch {step // steps_per_epoch}, step {step}")
     elif args.kmeans_init:
-        init_centroids(student, teacher, loader, args, device)
+        init_centroids(student, teacher, loader, args, device, prec)
     else:  # random centroids, identical in student and teacher
         teacher.centroids.weight.copy_(student.centroids.weight)
     if dist.distributed and device.type == "cuda":
@@ -482,58 +505,80 @@ def main():
     if args.compile:
         model, teacher_fwd = torch.compile(model), torch.compile(teacher)
 
+    def checkpoint(epoch, mid_epoch=False):  # every rank calls it (the guard's check is collective)
+        guard.check()  # never a checkpoint of a diverged state
+        if dist.is_main:
+            name = common.checkpoint_name(epoch, step if mid_epoch else None)
+            sums = {"counts": counts, "sums": sums_} if mid_epoch else None
+            save(Path(args.output_dir) / name, epoch, step, args, info, student, teacher, optimizer, s, prec, sums)
+            common.prune_interrupted(args.output_dir, step)
+
     logger = common.RunLogger(args.output_dir, dist, total, start_step=step)
-    ckpt_path = lambda e: Path(args.output_dir) / f"ckpt_epoch{e:04d}.pt"  # noqa: E731
-    if dist.is_main and step == 0 and args.save_epoch0:
-        save(ckpt_path(0), 0, 0, args, info, student, teacher, optimizer, s)
-    for epoch in range(start_epoch, args.epochs):
-        loader.set_epoch(epoch)
+    guard = common.DivergenceGuard(device, steps_per_epoch, total,
+                                   lambda t: schedules(t, total, warmup, args)["lr"], args.output_dir)
+    stop = common.StopSignal(dist)
+    if step == 0 and args.save_epoch0:
+        checkpoint(0)
+    for epoch in range(step // steps_per_epoch, args.epochs):
+        loader.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)  # > 0 only after a mid-epoch stop
         counts = torch.zeros(K, train.num_classes if has_labels else 1, device=device)  # Fig. 4(c), (e)
-        sums = torch.zeros(4, device=device)  # loss, c_avg, a_avg, steps: epoch means without a sync
+        sums_ = torch.zeros(4, device=device)  # loss, c_avg, a_avg, steps: epoch means without a sync
+        if epoch_sums is not None:  # this epoch's statistics so far, from the mid-epoch checkpoint
+            counts, sums_, epoch_sums = epoch_sums["counts"].to(device), epoch_sums["sums"].to(device), None
         model.train()
         teacher.train()  # OFFICIAL: the teacher uses batch statistics too
         for views, y in logger.timed(loader):
+            common.seed_step(args.seed, step, dist.rank)
             sched = schedules(step, total, warmup, args)
             for group in optimizer.param_groups:
                 group["lr"], group["weight_decay"] = sched["lr"], sched[group["name"]]
-            x_g = channels_last(torch.cat(views[:G]).to(device, non_blocking=True), device)  # (G*B, 3, H, W)
-            x_l = channels_last(torch.cat(views[G:]).to(device, non_blocking=True), device) if L else None
-            with common.autocast(device):  # DEVIATION: bf16 (official fp16 + GradScaler); cosines stay fp32
+            x_g, x_l = stack_views(views[:G], device), stack_views(views[G:], device)  # (G*B, ...), (L*B, ...)
+            with prec.autocast():  # the centroid cosines (Eq. 1) switch autocast off: float32
                 with torch.no_grad():
                     z_t = teacher_fwd(x_g)[0].view(G, B, K)           # Eq. (3)
                 z_h, z_g = model(x_g, x_l)                            # Eq. (2)
             p_t, z_b = teacher_targets(z_t, s, args.tau_t, args.boost_top)  # Eq. (4), (6), (10)
             loss = excb_loss(p_t, z_h.view(G, B, K), z_g.view(G + L, B, K), args.tau_s)  # Eq. (7)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.clip_grad > 0:
-                nn.utils.clip_grad_norm_(student.parameters(), args.clip_grad)
-            optimizer.step()
+            prec.backward_step(loss, optimizer, student.parameters(), args.clip_grad)
             ema_update(teacher, student, sched["ema"])             # Sec. 3.1
             s = update_cluster_sizes(s, z_b, args.size_momentum)   # Eq. (8)-(9), after the loss: step t+1 sees it
             with torch.no_grad():
                 c_avg, a_avg = teacher_confidence(p_t), view_agreement(z_b)
                 count_assignments(counts, z_b, y.to(device, non_blocking=True))
-                sums += torch.stack([loss.detach(), c_avg, a_avg, torch.ones((), device=device)])
+                sums_ += torch.stack([loss.detach(), c_avg, a_avg, torch.ones((), device=device)])
             step += 1
+            guard.update(loss, step)
             if step % args.log_every == 0 or step == total:
+                guard.check()
                 logger.step_line(epoch, step, loss, sched["lr"], args.batch_size, extra={
                     "sched/ema": sched["ema"], "sched/wd_centroids": sched["centroids"], "excb/c_avg": c_avg,
-                    "excb/a_avg": a_avg, "excb/s_min": s.min() * K, "excb/s_max": s.max() * K})
-        # --- epoch statistics (Fig. 4), over all ranks ---
-        loss_m, c_m, a_m, n = (common.all_reduce_sum(sums) / dist.world_size).tolist()
-        stats = cluster_stats(common.all_reduce_sum(counts))
-        if not has_labels:
-            stats.pop("excb/purity")
-        logger.log({"epoch": epoch + 1, "step": step, "epoch/loss": loss_m / n, "excb/c_avg_epoch": c_m / n,
-                    "excb/a_avg_epoch": a_m / n, "sched/global_min_scale": global_min_scale(
-                        epoch, args.epochs, *args.global_min_scale), **stats})
-        common.print0(f"epoch {epoch + 1}/{args.epochs} loss {loss_m / n:.4f} c_avg {c_m / n:.3f} "
-                      f"a_avg {a_m / n:.3f} size min/max {stats['excb/size_min']:.2f}/"
-                      f"{stats['excb/size_max']:.2f} empty {int(stats['excb/empty_clusters'])}"
-                      + (f" purity {stats['excb/purity']:.3f}" if has_labels else ""))
-        if dist.is_main and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
-            save(ckpt_path(epoch + 1), epoch + 1, step, args, info, student, teacher, optimizer, s)
+                    "excb/a_avg": a_avg, "excb/s_min": s.min() * K, "excb/s_max": s.max() * K,
+                    "data/skipped_images": loader.skipped_images})
+            if stop():  # SIGTERM / SIGUSR1 (preemption): every rank leaves after this same step
+                break
+        saved = False
+        if step == (epoch + 1) * steps_per_epoch:  # --- epoch statistics (Fig. 4), over all ranks ---
+            loss_m, c_m, a_m, n = (common.all_reduce_sum(sums_) / dist.world_size).tolist()
+            stats = cluster_stats(common.all_reduce_sum(counts))
+            if not has_labels:
+                stats.pop("excb/purity")
+            logger.log({"epoch": epoch + 1, "step": step, "epoch/loss": loss_m / n, "excb/c_avg_epoch": c_m / n,
+                        "excb/a_avg_epoch": a_m / n, "sched/global_min_scale": global_min_scale(
+                            epoch, args.epochs, *args.global_min_scale), **stats})
+            common.print0(f"epoch {epoch + 1}/{args.epochs} loss {loss_m / n:.4f} c_avg {c_m / n:.3f} "
+                          f"a_avg {a_m / n:.3f} size min/max {stats['excb/size_min']:.2f}/"
+                          f"{stats['excb/size_max']:.2f} empty {int(stats['excb/empty_clusters'])}"
+                          + (f" purity {stats['excb/purity']:.3f}" if has_labels else ""))
+            if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
+                checkpoint(epoch + 1)
+                saved = True
+        if stop.stopping:
+            if not saved:
+                checkpoint(step // steps_per_epoch, mid_epoch=True)
+            common.print0(f"stopped by a signal after step {step}; rerun the same command with --resume auto")
+            break
+    stop.close()
     common.cleanup_distributed()
 
 

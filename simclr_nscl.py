@@ -93,7 +93,12 @@ class Args:
     seed: int = _f(123, "seed (official torch seed 123)")
     output_dir: str = _f("runs/simclr_nscl", "RUN_DIR: checkpoints ckpt_epoch{E:04d}.pt and log.jsonl")
     save_every: int = _f(50, "checkpoint period in epochs (plus epoch 0 and the last epoch)")
-    resume: str = _f("", "checkpoint to resume from (strict)")
+    resume: str = _f("", "PATH: continue from that checkpoint (strict); auto: the newest in --output-dir, or start "
+                         "fresh (resubmittable after a preemption)")
+    skip_bad_images: bool = _f(False, "skip unreadable image files (counted as data/skipped_images) instead of "
+                                      "stopping")
+    precision: str = _f("auto", "auto | bf16 | fp16 | fp32: auto = bf16 on GPUs with native bf16, fp16 + "
+                                "GradScaler on older GPUs, fp32 on CPU; the losses always run in float32")
     compile: bool = _f(False, "torch.compile the network")
     log_every: int = _f(50, "log period in steps")
 
@@ -140,15 +145,18 @@ PRESETS = {
 
 
 def _similarities(z1, z2, temperature):
-    """(B, d), (B, d) two views of this rank's images -> S (2B, 2N) float32, columns of self and of p(a)."""
-    z = F.normalize(torch.stack([z1, z2], 1).float(), dim=-1)  # (B, 2, d) unit rows, float32
-    zg = common.gather_with_grad(z)  # (N, 2, d), rank order; one collective for both views
-    B, N = z.shape[0], zg.shape[0]
-    anchors = torch.cat([z[:, 0], z[:, 1]])  # (2B, d)
-    candidates = torch.cat([zg[:, 0], zg[:, 1]])  # (2N, d)
-    img = common.get_rank() * B + torch.arange(B, device=z.device)  # global ids of the local images
-    self_col, pos_col = torch.cat([img, img + N]), torch.cat([img + N, img])  # (2B,), (2B,)
-    return anchors @ candidates.T / temperature, self_col, pos_col
+    """(B, d), (B, d) two views of this rank's images -> S (2B, 2N) float32, columns of self and of p(a).
+    A float32 island whatever the caller's autocast: bf16 would round cosines by ~4e-3, i.e. ~0.01 in logits at
+    tau = 0.5 and ~0.04 at tau = 0.1."""
+    with torch.autocast(z1.device.type, enabled=False):
+        z = F.normalize(torch.stack([z1, z2], 1).float(), dim=-1)  # (B, 2, d) unit rows, float32
+        zg = common.gather_with_grad(z)  # (N, 2, d), rank order; one collective for both views
+        B, N = z.shape[0], zg.shape[0]
+        anchors = torch.cat([z[:, 0], z[:, 1]])  # (2B, d)
+        candidates = torch.cat([zg[:, 0], zg[:, 1]])  # (2N, d)
+        img = common.get_rank() * B + torch.arange(B, device=z.device)  # global ids of the local images
+        self_col, pos_col = torch.cat([img, img + N]), torch.cat([img + N, img])  # (2B,), (2B,)
+        return anchors @ candidates.T / temperature, self_col, pos_col
 
 
 def _contrast(S, pos_col, negatives, decoupled):
@@ -301,20 +309,22 @@ def train_views(args, info):
 def main(argv=None):
     args = common.parse_args(Args, PRESETS, argv)
     if args.loss not in LOSSES:
-        raise SystemExit(f"error: --loss must be one of {', '.join(LOSSES)}, got {args.loss!r}")
+        raise common.UsageError(f"--loss must be one of {', '.join(LOSSES)}, got {args.loss!r}")
     dist = common.setup_distributed()
     device = dist.device
     common.seed_everything(args.seed)  # same seed on every rank: identical initial weights
     torch.backends.cudnn.benchmark = True
+    per_rank = common.split_batch(args.batch_size, dist.world_size)  # GLOBAL batch -> per-rank batch
+    # DEVIATION 2: --precision auto is bf16 on GPUs that have it (official: fp16 autocast + GradScaler, which is
+    # --precision fp16); the losses run in float32 in every mode
+    prec = common.MixedPrecision(args.precision, device)
 
-    # data: GLOBAL batch -> per-rank batch; NSCL / SupCon need class-balanced global batches
+    # data: NSCL / SupCon need class-balanced global batches
     info = common.dataset_info(args.dataset, args.image_size)
     train_set = common.build_dataset(args.dataset, "train", train_views(args, info), args.data_dir, args.download,
-                                     subset=args.train_subset, seed=args.seed, image_size=info.image_size)
+                                     subset=args.train_subset, seed=args.seed, image_size=info.image_size,
+                                     skip_bad=args.skip_bad_images)
     num_classes = train_set.num_classes
-    if args.batch_size % dist.world_size:
-        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {dist.world_size} ranks")
-    per_rank = args.batch_size // dist.world_size
     sampler = None
     if args.loss in ("nscl", "supcon"):  # batch/C images per class (+-1 when C does not divide it, as official)
         sampler = common.ClassBalancedBatchSampler(train_set.targets, args.batch_size, dist, seed=args.seed)
@@ -322,7 +332,7 @@ def main(argv=None):
     steps_per_epoch, total_steps = len(loader), len(loader) * args.epochs
     common.print0(f"{len(train_set)} images, C = {num_classes}, global batch {args.batch_size} = "
                   f"{dist.world_size} x {per_rank} per rank{' (class-balanced)' if sampler else ''}, "
-                  f"{steps_per_epoch} steps/epoch")
+                  f"{steps_per_epoch} steps/epoch, precision {prec.name}")
 
     # network: backbone f -> h, projector g -> z (normalised inside the losses)
     backbone, feature_dim = common.build_backbone(args.backbone, info.image_size, width=args.width)
@@ -345,33 +355,42 @@ def main(argv=None):
         epoch = step / steps_per_epoch if args.lr_per_step else step // steps_per_epoch
         return base_lr * lr_factor(epoch, args.epochs, args.warmup_epochs)
 
-    start_epoch = step = 0
-    if args.resume:  # strict: every tensor of model and optimiser must match
-        ckpt = common.load_checkpoint(args.resume, method="simclr_nscl")
+    # resume (strict: every tensor of model, optimiser and GradScaler must match): --resume PATH | auto
+    step = 0
+    ckpt = common.resume_checkpoint(args, "simclr_nscl")
+    if ckpt is not None:
         model.load_state_dict(ckpt["train_state"]["model"])
         optimizer.load_state_dict(ckpt["train_state"]["optimizer"])
-        start_epoch, step = ckpt["epoch"], ckpt["step"]
+        prec.load_state_dict(ckpt["train_state"].get("scaler", {}))
+        step = ckpt["step"]
         del ckpt
-        common.print0(f"resumed from {args.resume} at epoch {start_epoch}, step {step}")
+        common.print0(f"resumed at epoch {step // steps_per_epoch}, step {step}")
 
-    def save(epoch):  # rank 0, atomic; epoch = epochs completed
+    def save(epoch, mid_epoch=False):  # every rank calls it (the guard's check is collective); rank 0 writes
+        guard.check()  # never a checkpoint of a diverged state
         if dist.is_main:
             state = common.make_checkpoint(
                 "simclr_nscl", epoch, step, args,
                 common.backbone_spec(args.backbone, info.image_size, width=args.width), model[0], "online",
-                info, train_state={"model": model.state_dict(), "optimizer": optimizer.state_dict()},
-                heads={"projector": model[1], "normalize_output": True})
-            common.save_checkpoint(Path(args.output_dir) / f"ckpt_epoch{epoch:04d}.pt", state)
+                info, train_state={"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "scaler": prec.state_dict()},
+                heads={"projector": model[1], "normalize_output": True}, precision=prec.name)
+            common.save_checkpoint(Path(args.output_dir) / common.checkpoint_name(epoch, step if mid_epoch else None),
+                                   state)
+            common.prune_interrupted(args.output_dir, step)
 
     logger = common.RunLogger(args.output_dir, dist, total_steps, start_step=step)
-    logger.log({"config": dataclasses.asdict(args), "world_size": dist.world_size})
-    if start_epoch == 0:
+    logger.log({"config": dataclasses.asdict(args), "world_size": dist.world_size, "precision": prec.name})
+    guard = common.DivergenceGuard(device, steps_per_epoch, total_steps, lr_at, args.output_dir)
+    stop = common.StopSignal(dist)
+    if step == 0:
         save(0)  # the paper's curves start at initialisation
-    t0 = time.perf_counter()
-    for epoch in range(start_epoch, args.epochs):
-        loader.set_epoch(epoch)
+    t0, start_step = time.perf_counter(), step
+    for epoch in range(step // steps_per_epoch, args.epochs):
+        loader.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)  # > 0 only after a mid-epoch stop
         ddp_model.train()
         for (x1, x2), y in logger.timed(loader):
+            common.seed_step(args.seed, step, dist.rank)
             lr = lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -380,24 +399,34 @@ def main(argv=None):
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True)
-            with common.autocast(device):
+            with prec.autocast():
                 z = forward(x)
-            z1, z2 = z.float().chunk(2)  # (B, d) each; DEVIATION 2: bf16 autocast, no GradScaler; loss in fp32
+            z1, z2 = z.float().chunk(2)  # (B, d) each; the losses run in float32 outside autocast
             loss = LOSSES[args.loss](z1, z2, y, args.temperature)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.clip_grad > 0:  # OFFICIAL: clip the global gradient norm at 1.0 before LARS
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            optimizer.step()
+            # OFFICIAL: clip the global gradient norm at 1.0 before LARS (after unscaling, in fp16)
+            prec.backward_step(loss, optimizer, model.parameters(), args.clip_grad)
             step += 1
+            guard.update(loss, step)
             if step % args.log_every == 0 or step == total_steps:
+                guard.check()
                 extra = batch_diagnostics(z1.detach(), z2.detach(), y)
+                extra["data/skipped_images"] = loader.skipped_images
                 logger.step_line(epoch, step, common.all_reduce_mean(loss.detach()), lr, args.batch_size, extra)
-        done = epoch + 1  # OFFICIAL cadence: every 10 epochs below 100 (Fig. 2's log-scale x), then --save-every
-        if done % args.save_every == 0 or (done < 100 and done % 10 == 0) or done == args.epochs:
+            if stop():  # SIGTERM / SIGUSR1 (preemption): every rank leaves after this same step
+                break
+        done, saved = epoch + 1, False  # OFFICIAL cadence: every 10 epochs below 100 (Fig. 2's log scale), then
+        if step == done * steps_per_epoch and (done % args.save_every == 0 or (done < 100 and done % 10 == 0)
+                                                or done == args.epochs):  # --save-every
             save(done)
-    common.print0(f"done: {args.epochs - start_epoch} epochs in {time.perf_counter() - t0:.0f} s -> "
-                  f"{args.output_dir}")
+            saved = True
+        if stop.stopping:
+            if not saved:
+                save(step // steps_per_epoch, mid_epoch=True)
+            common.print0(f"stopped by a signal after step {step}; rerun the same command with --resume auto")
+            break
+    stop.close()
+    common.print0(f"done: {step - start_step} steps in {time.perf_counter() - t0:.0f} s -> {args.output_dir}")
     common.cleanup_distributed()
 
 
@@ -427,13 +456,13 @@ def pair_batches(meta, split, batch_size, data_dir=None, subset=0, workers=0, se
 
 @torch.no_grad()
 def embed_pairs(encoder, loader, device):
-    """-> z of the augmented views (N, d), z of the clean views (N, d), labels (N,); float32 on CPU."""
+    """-> z of the augmented views (N, d), z of the clean views (N, d), labels (N,); float32 on CPU, computed in
+    float32 (no autocast: the gap is a difference of two close losses, which bf16 rounding would blur)."""
     za, zc, ys = [], [], []
     encoder.eval()
-    with common.autocast(device):
-        for (xa, xc), y in loader:
-            a, c = encoder(torch.cat([xa, xc]).to(device).float()).float().chunk(2)
-            za.append(a), zc.append(c), ys.append(y)
+    for (xa, xc), y in loader:
+        a, c = encoder(torch.cat([xa, xc]).to(device).float()).float().chunk(2)
+        za.append(a), zc.append(c), ys.append(y)
     return torch.cat(za).cpu(), torch.cat(zc).cpu(), torch.cat(ys)
 
 
