@@ -15,7 +15,7 @@ Read beside Sec. 3 and Algorithm 1-2. Every line that implements the paper carri
 `# OFFICIAL:` where we follow the official code over the paper, `# DEVIATION:` where we differ, so
 `grep -n "Eq\.\|Alg\.\|OFFICIAL\|DEVIATION" excb.py` prints the map, in the order of one training step.
 
-Commands (expected time / result; README.md, section "ExCB", has the details):
+Commands (expected time / result; docs/excb.md has the details):
   python excb.py --preset digits --output-dir runs/excb_digits          # CPU, 100-120 s on 2 shared cores
   python excb.py --preset cifar10 --data-dir data --download --output-dir runs/excb_c10   # 1 GPU, our port
   torchrun --nproc_per_node=4 excb.py --preset imagenet --data-dir /data/imagenet --output-dir runs/in1k
@@ -23,7 +23,7 @@ Commands (expected time / result; README.md, section "ExCB", has the details):
       excb.py --preset imagenet_vits --data-dir /data/imagenet --output-dir runs/in1k_vits
   --batch-size is GLOBAL and --lr is absolute for it (official): a preset is the same run on 1 or 16 GPUs.
 
-Measured (torch 2.14.1, CPU: 2 cores shared with other jobs, OMP_NUM_THREADS=1; details in the README):
+Measured (torch 2.14.1, CPU: 2 cores shared with other jobs, OMP_NUM_THREADS=1; details in docs/excb.md):
   digits preset: 110 steps in 101 s (~85 img/s); clusters 0.86-1.18 x N/K, none empty; k-NN stays ~93-95 %
   CIFAR-10 JPEG, 5k images, 16 px convnet, K=128, 234 steps (~7 min): teacher 20-NN 30.0 -> 33.3 %, clusters
   0.88-1.08 x N/K, none empty. GPU presets (cifar10, imagenet, imagenet_vits): unmeasured (no GPU here).

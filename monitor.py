@@ -10,7 +10,7 @@ Extras: RankMe (Garrido et al., ICML 2023), alpha-ReQ (Agrawal et al., NeurIPS 2
 ICLR 2024). Analyses: ReSA (Weng et al., ICML 2025) silhouette/ARI per layer; ExCB (Maniadis et al., ECCV 2024)
 cluster-size distribution (Appendix A, Fig. 5) and t-SNE (Appendix C, Fig. 7).
 
-Commands (README.md, section "monitor.py", has the details):
+Commands (docs/monitor.md has the details):
     python monitor.py runs/x                               # every checkpoint: monitor.csv, correlations, plots
     python monitor.py runs/x --features all --pairing seeds --skip-early 2
     python monitor.py runs/x --analysis resa excb          # + resa.csv / excb.csv and their figures

@@ -27,7 +27,7 @@ Commands (from the repository root):
 Features are extracted once per checkpoint, split and feature kind and cached in RUN_DIR/features/;
 results go to RUN_DIR/probe.csv and probe.json (one row per checkpoint x probe x metric) and PNGs.
 
-Measured: see README.md, section "probe.py" (CPU timings on 50,000 x 512 / 10,000 x 512 features).
+Measured: see docs/probe.md (CPU timings on 50,000 x 512 / 10,000 x 512 features).
 """
 import csv
 import json

@@ -26,7 +26,7 @@ Commands (expected time / result):
   --batch-size is GLOBAL: the same preset gives the same optimisation at any GPU count.
 
 Measured (CPU, torch 2.14.1, 2 cores shared with other jobs, OMP_NUM_THREADS=1, seed 0, one run each;
-momentum-encoder k-NN, DINO cosine k=20, at initialisation -> end; details in README.md, section "ReSA"):
+momentum-encoder k-NN, DINO cosine k=20, at initialisation -> end; details in docs/resa.md):
   digits preset, 6 epochs: 159 s, 53-67 img/s; k-NN 94.4 -> 95.6 % (360 test images)
   CIFAR-10 JPEG, 5,000-image train subset, convnet 32 px, 3 epochs: 581 s, 24-29 img/s;
       k-NN 30.3 -> 33.4 % (10,000 test images; 5-NN Euclidean 27.7 -> 29.5 %)

@@ -11,7 +11,7 @@ encoder (Thm. 1), so minimising CL approximately minimises a supervised loss whe
 Read beside the paper's loss definitions and Thm. 1. Only the paper's first page is available to us, so
 tags name equations by symbol: `# Eq. L_DCL`, `# Eq. L_NSCL`, `# Thm. 1`;
 `grep -n -e "# Eq" -e "# Thm" -e OFFICIAL -e DEVIATION simclr_nscl.py` prints the map. `# OFFICIAL:` marks
-where we follow the official code, `# DEVIATION n:` where we differ (numbered as in the README).
+where we follow the official code, `# DEVIATION n:` where we differ (numbered as in docs/simclr_nscl.md).
 
 Commands (from the repository root):
     python simclr_nscl.py --preset digits --output-dir runs/nscl_digits    # CPU, ~1.5 min on 2 idle cores
@@ -26,7 +26,7 @@ Commands (from the repository root):
 Expected time (unmeasured): ResNet-50x2 at 32 px costs 62 GFLOPs per image (2 views, forward + backward), so
 the cifar10 preset (2500 epochs) is 7.8e18 FLOPs: ~5 h on one H100 at 40 % of bf16 peak (estimate).
 
-Measured (CPU, 2 cores shared with ~5 other jobs, torch 2.14.1, seed 123; README.md, section "SimCLR and NSCL"):
+Measured (CPU, 2 cores shared with ~5 other jobs, torch 2.14.1, seed 123; details in docs/simclr_nscl.md):
     digits preset (5 epochs, 155 s CPU): k-NN (cos, k=20) 86.9 -> 94.4 %; train gap 0.105 -> 0.162 (bound 0.599).
     CIFAR-10 JPEG, 5,000-image subset, convnet, 3 epochs (561 s): k-NN 33.1 -> 37.6 %; gap 0.104 -> 0.119.
     GPU presets: unmeasured (no GPU in this session).
@@ -141,7 +141,7 @@ PRESETS = {
 # backward sums over ranks, so every rank's loss reaches every rank's embeddings; DDP then averages the W
 # per-rank gradients, which gives exactly the gradient of the mean over all 2N anchors (tested).
 # DEVIATION 4: the official GatherLayer's backward returns only the local slice without summing over ranks,
-# which drops the other ranks' loss terms from each rank's gradient (see README).
+# which drops the other ranks' loss terms from each rank's gradient (see docs/simclr_nscl.md#deviations).
 
 
 def _similarities(z1, z2, temperature):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Computational overhead of the methods in one run (README "Computational overhead"; the form of ReSA's
+# Computational overhead of the methods in one run (docs/results.md, "Computational overhead"; the form of ReSA's
 # Table 4): each method trains STEPS steps on the CIFAR-10 JPEG copy with the same backbone, global batch and
 # views (2 views of 32 px; ExCB also once with its official 2 + 6 multi-crop), one method after the other on
 # the same machine. Each method keeps its own heads (ExCB: K prototypes; ReSA, SimCLR, NSCL: their projectors).

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# CPU-sized real-data study (README "Results on CIFAR-10"): pretrain ExCB, ReSA, SimCLR (NT-Xent) and NSCL
+# CPU-sized real-data study (docs/results.md, "Results on CIFAR-10"): pretrain ExCB, ReSA, SimCLR (NT-Xent) and NSCL
 # on a class-stratified subset of the CIFAR-10 JPEG copy with the same backbone, batch and views (2 views:
 # ExCB without multi-crop), then probe every checkpoint with labels and monitor it without labels.
 #
 #   mkdir -p data/cifar10-jpeg && tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C data/cifar10-jpeg
-#   bash docs/study.sh                                   # defaults below: the README's study, ~1.5 h on 2 CPU cores
+#   bash docs/study.sh                                   # the defaults: docs/results.md's study, ~1.5 h on 2 cores
 #   SUBSET=200 EPOCHS=1 TEST=200 K=16 bash docs/study.sh  # the smoke version the tests run
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,5 +38,5 @@ done
 $PY simclr_nscl.py eval-gap "$OUT/simclr" "$OUT/nscl" --subset "$TEST" --compare "$OUT/fig2_bottom.png"
 $PY monitor.py "$OUT/excb" --analysis excb --max-samples "$SUBSET" --out-dir "$OUT/excb/analysis"
 
-# 4. the README's tables from the files above (also in $OUT/tables.md)
+# 4. the tables of docs/results.md and the README's summary table, from the files above (also in $OUT/tables.md)
 $PY docs/study_tables.py "$OUT" | tee "$OUT/tables.md"

@@ -1,5 +1,6 @@
-"""Print the README's study tables (markdown) from the files docs/study.sh writes: probe.csv, monitor_correlations.csv,
-losses.csv, excb.csv and log.jsonl of each run. Every number in the README's results section comes from here.
+"""Print the study's tables (markdown) from the files docs/study.sh writes: probe.csv, monitor_correlations.csv,
+losses.csv, excb.csv and log.jsonl of each run. Every number of docs/results.md's CIFAR-10 study comes from here; the
+first table (first, middle and last checkpoint) is the summary table of the README's "Results at a glance".
 
     python docs/study_tables.py runs/study            # OUT of docs/study.sh
 """

@@ -1,4 +1,4 @@
-"""excb.py end to end on CPU, as the README runs it: a short digits run whose checkpoints load through
+"""excb.py end to end on CPU, as docs/excb.md runs it: a short digits run whose checkpoints load through
 common.py, exact --resume, and a 2-process torchrun (gloo). About 60 s on 2 cores."""
 import json
 import os
@@ -80,7 +80,7 @@ def test_torchrun_two_gloo_ranks(tmp_path):
 
 @pytest.mark.slow
 def test_probe_and_monitor_read_the_checkpoints(two_epochs, tmp_path):
-    """The README's follow-up commands on the run: probe.py's k-NN and monitor.py's ExCB analysis (Fig. 5)."""
+    """docs/excb.md's follow-up commands on the run: probe.py's k-NN and monitor.py's ExCB analysis (Fig. 5)."""
     out, _ = two_epochs
     for cmd in (["probe.py", str(out), "--probes", "knn", "--out-dir", str(tmp_path / "probe"), "--no-plots"],
                 ["monitor.py", str(out), "--preset", "quick", "--analysis", "excb",

@@ -102,7 +102,7 @@ SUB = ["--max-train", "300"]  # linear-aug / finetune: a class-stratified 300-im
 
 @pytest.fixture(scope="module")
 def probed(run_dir):
-    """The README command on a run directory with two checkpoints."""
+    """The docs/probe.md command on a run directory with two checkpoints."""
     import contextlib
     import io
 

@@ -1,4 +1,4 @@
-"""resa.py end to end, as the README runs it (CPU): a tiny digits run writes checkpoints that common.py,
+"""resa.py end to end, as docs/resa.md runs it (CPU): a tiny digits run writes checkpoints that common.py,
 probe.py and monitor.py load; resuming from its epoch-1 checkpoint reproduces epoch 2 exactly; a 2-process
 torchrun (gloo) trains, and with the EMA frozen (m = 1) its momentum net stays at the initialisation."""
 import json

@@ -1,4 +1,4 @@
-"""simclr_nscl.py end to end, with the README's commands: a tiny digits run writes checkpoints, resuming from
+"""simclr_nscl.py end to end, as docs/simclr_nscl.md runs it: a tiny digits run writes checkpoints, resuming from
 its epoch-1 checkpoint reproduces epoch 2 exactly, eval-gap / gap-vs-classes write their CSVs and plots, and a
 2-process torchrun (gloo) trains NSCL on class-balanced global batches. The training run and torchrun are
 subprocesses; resume and the evaluations call the same entry points in-process (each interpreter start costs

@@ -1,5 +1,5 @@
-"""The README's CIFAR-10 study pipeline (docs/study.sh) end to end on a tiny synthetic ImageFolder, so the
-commands in the README keep working. Slow (every script, probe and monitor run once): `pytest -m slow`."""
+"""The CIFAR-10 study pipeline of docs/results.md (docs/study.sh) end to end on a tiny synthetic ImageFolder, so
+the commands there keep working. Slow (every script, probe and monitor run once): `pytest -m slow`."""
 import os
 import subprocess
 from pathlib import Path
@@ -37,7 +37,7 @@ def test_study_pipeline_on_a_tiny_slice(tmp_path):
         assert len(list((out / run).glob("ckpt_epoch*.pt"))) == 2
     assert (out / "simclr" / "losses.csv").is_file() and (out / "fig2_bottom.png").is_file()
     assert any((out / "excb" / "analysis").glob("*.png"))
-    tables = (out / "tables.md").read_text()  # docs/study_tables.py: the README's tables
+    tables = (out / "tables.md").read_text()  # docs/study_tables.py: the tables of docs/results.md
     for title in ("Probes at every checkpoint", "Correlation with linear-probe accuracy", "CL-vs-NSCL gap",
                   "ExCB cluster sizes", "Pretraining throughput"):
         assert title in tables
