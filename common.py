@@ -7,7 +7,8 @@ Copy a method file plus this one and you have the method.
 Sections (banner comments below, in this order):
   1. distributed  setup from torchrun's environment, rank-0 printing, gathers with the right gradient
   2. data         datasets (digits, CIFAR-10/100, STL-10, ImageFolder), view recipes, epoch-seeded loaders
-  3. backbones    ResNet-18/50 (CIFAR or ImageNet stem, width multiplier), ViT-S, a tiny convnet
+  3. backbones    ResNet-18/50 (CIFAR or ImageNet stem, width multiplier), ViT-S/16 (DINO layout: any input
+                  size, drop-path), a tiny convnet
   4. checkpoints  one documented format, atomic writes, strict loading with clear errors, --resume auto
   5. features     un-augmented evaluation loaders and feature extraction
   6. utilities    dataclass -> argparse, cosine schedule, JSON-lines run logger
@@ -787,8 +788,124 @@ def _widen_resnet(m: torchvision.models.ResNet, width: int, zero_init_residual: 
                 nn.init.zeros_(mod.bn2.weight)
 
 
+# --- ViT-S/16 as the SSL papers train it -------------------------------------------------------------
+# The DINO layout (Caron et al. 2021, vision_transformer.py), which ExCB's official ViT reuses as is
+# (architectures/backbones/vit.py): a stride-p conv cuts the image into p x p patches, a learned class token is
+# prepended, a learned position embedding is added, then pre-norm blocks (LayerNorm eps 1e-6; multi-head
+# attention with a biased qkv projection; MLP of ratio 4 with GELU) and a final LayerNorm; the class token's
+# output is the feature; Linear weights, position embedding and class token trunc-normal(0.02), biases 0.
+# (ReSA's deleted src/vision_transformer.py has the same blocks but MoCo v3's init: a fixed 2-D sin-cos
+# position embedding, a frozen random patch embedding, xavier-uniform Linears; see resa.py's vit_small preset.)
+# Two details make it an SSL backbone:
+# - Multi-crop: the position embedding is stored for the training grid (224 / 16 = 14 x 14) and resampled
+#   bicubically to the grid of each input, so ONE network takes the 224 px global and 96 px (6 x 6) local
+#   crops. At the training grid it is used as is.
+# - Stochastic depth (drop-path; Huang et al. 2016): in training, each residual branch of block i is dropped
+#   for a random subset of the samples with probability r_i = i / (depth - 1) x drop_path (linear over depth:
+#   0 for the first block, drop_path for the last), and kept branches are scaled by 1 / (1 - r_i) so the
+#   expected output is unchanged; in eval mode it is the identity. The EMA teacher / momentum encoder is a
+#   deepcopy of the student that runs in train mode, so it must carry rate 0 (disable_drop_path).
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth on a residual branch x (B, ...): each sample's branch is zeroed with probability p
+    and kept branches are multiplied by 1 / (1 - p); the identity when p = 0 or not training."""
+    if p == 0.0 or not training:
+        return x
+    keep = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device).bernoulli_(1 - p)
+    return x * keep / (1 - p)  # (B, 1, 1) mask of 0 / 1
+
+
+class ViTBlock(nn.Module):
+    """Pre-norm transformer block: x + drop_path(attention(LN(x))), then x + drop_path(MLP(LN(x)))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+        super().__init__()
+        self.heads, self.drop_path = heads, drop_path  # this block's rate r_i (a float, not a module)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * dim)  # with bias (DINO's vit_small: qkv_bias=True)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def attention(self, x):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        y = nn.functional.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v, (B, h, N, d)
+        return self.proj(y.transpose(1, 2).reshape(B, N, D))     # heads concatenated, (B, N, D)
+
+    def forward(self, x):  # x (B, N, D): N = 1 class token + h * w patch tokens
+        x = x + drop_path(self.attention(self.norm1(x)), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+class ViT(nn.Module):
+    """Vision Transformer (B, 3, H, W) -> class-token feature (B, dim), for any H, W that are multiples of
+    patch_size. Defaults: ViT-S/16 (384-d, 12 blocks, 6 heads; 21.7 M parameters at 224 px). `image_size`
+    only sets the grid the position embedding is stored at (the training resolution)."""
+
+    def __init__(self, image_size: int = 224, patch_size: int = 16, dim: int = 384, depth: int = 12,
+                 heads: int = 6, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+        super().__init__()
+        if image_size % patch_size:
+            raise UsageError(f"the ViT needs an image size divisible by its patch size {patch_size}; "
+                             f"got {image_size}")
+        if not 0.0 <= drop_path < 1.0:
+            raise UsageError(f"drop-path rate must be in [0, 1); got {drop_path}")
+        self.patch_size, self.grid, self.feature_dim = patch_size, image_size // patch_size, dim
+        self.patch_embed = nn.Conv2d(3, dim, patch_size, stride=patch_size)  # PyTorch's default init, as DINO
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, dim))  # class token + grid x grid
+        self.blocks = nn.Sequential(*[ViTBlock(dim, heads, mlp_ratio, drop_path * i / max(depth - 1, 1))
+                                      for i in range(depth)])  # linear rule over depth
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():  # LayerNorms keep PyTorch's init (weight 1, bias 0), as DINO sets them
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def pos_embed_for(self, h: int, w: int) -> torch.Tensor:
+        """Position embedding for an h x w patch grid, (1, 1 + h w, dim): the stored one at the training grid,
+        else its patch part resampled bicubically (the class token's entry is kept as is).
+        DEVIATION: DINO and ExCB pass scale_factor = (h + 0.1) / grid, which samples the stored grid up to
+        ~0.2 patch away from the exact positions; we pass the target size (as DINOv2 does)."""
+        if (h, w) == (self.grid, self.grid):
+            return self.pos_embed
+        g, D = self.grid, self.pos_embed.shape[-1]
+        patches = self.pos_embed[:, 1:].reshape(1, g, g, D).permute(0, 3, 1, 2)               # (1, D, g, g)
+        patches = nn.functional.interpolate(patches, size=(h, w), mode="bicubic", align_corners=False)
+        return torch.cat([self.pos_embed[:, :1], patches.flatten(2).transpose(1, 2)], dim=1)  # (1, 1 + hw, D)
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        p = self.patch_size
+        if H % p or W % p:
+            raise ValueError(f"ViT input {H}x{W} px is not a multiple of the patch size {p}")
+        t = self.patch_embed(x).flatten(2).transpose(1, 2)                                # (B, hw, D)
+        t = torch.cat([self.cls_token.expand(B, -1, -1), t], dim=1) + self.pos_embed_for(H // p, W // p)
+        return self.norm(self.blocks(t)[:, 0])  # class token (B, D); LayerNorm acts per token
+
+
+def disable_drop_path(model: nn.Module) -> nn.Module:
+    """Set the drop-path rate of every ViT block in `model` to 0, in place, and return it: for the EMA
+    teacher / momentum encoder, a deepcopy of the student that runs in train mode (OFFICIAL ExCB: the
+    teacher ViT is built with drop_path_rate 0). A no-op for networks without ViT blocks."""
+    for m in model.modules():
+        if isinstance(m, ViTBlock):
+            m.drop_path = 0.0
+    return model
+
+
+def _vit_patch(image_size: int) -> int:
+    return 16 if image_size >= 128 else 4  # /16 at ImageNet sizes; /4 keeps an 8 x 8 grid at 32 px
+
+
 def build_backbone(name: str, image_size: int, zero_init_residual: bool = False, width: int = 1,
-                   cifar_stem: bool | None = None) -> tuple[nn.Module, int]:
+                   cifar_stem: bool | None = None, drop_path: float = 0.0,
+                   patch_size: int | None = None) -> tuple[nn.Module, int]:
     """Encoder (B, 3, H, W) -> pooled features (B, feature_dim), classifier removed.
 
     resnet18 / resnet50: torchvision's, random init. cifar_stem (default: image_size <= 64) swaps the 7x7
@@ -796,9 +913,14 @@ def build_backbone(name: str, image_size: int, zero_init_residual: bool = False,
       keeps PyTorch's default init, as in the ReSA and NSCL official code). zero_init_residual zeroes
       the last BN gamma of each block (ReSA ImageNet and ExCB: on; ReSA CIFAR: off). width multiplies
       all channels (2 = the NSCL paper's ResNet-50 x2, 4096-d).
-    vit_small: ViT-S (12 layers, 6 heads, 384-d, class token), patch 16 at >= 128 px, else 4.
+    vit_small: ViT-S (ViT above: 12 blocks, 6 heads, 384-d class token), patch_size (default: 16 at >= 128
+      px, else 4); it takes inputs of any multiple of the patch size (multi-crop). drop_path: stochastic
+      depth rate of its last block (official ExCB student: 0.1); ViT only.
     convnet: 4 conv-BN-ReLU layers, 128-d, for CPU demos and tests.
     """
+    if drop_path and name != "vit_small":
+        raise UsageError(f"drop-path (stochastic depth over transformer blocks) needs --backbone vit_small, "
+                         f"not {name}")
     cifar_stem = image_size <= 64 if cifar_stem is None else cifar_stem
     if name in ("resnet18", "resnet50"):
         m = getattr(torchvision.models, name)(weights=None, zero_init_residual=zero_init_residual)
@@ -810,12 +932,9 @@ def build_backbone(name: str, image_size: int, zero_init_residual: bool = False,
         dim = m.fc.in_features
         m.fc = nn.Identity()
     elif name == "vit_small":
-        patch = 16 if image_size >= 128 else 4
-        if image_size % patch:
-            raise ValueError(f"vit_small needs an image size divisible by its patch size {patch}")
-        m = torchvision.models.VisionTransformer(image_size, patch, num_layers=12, num_heads=6,
-                                                hidden_dim=384, mlp_dim=1536)
-        m.heads, dim = nn.Identity(), 384
+        m = ViT(image_size, patch_size or _vit_patch(image_size), dim=384, depth=12, heads=6,
+                drop_path=drop_path)
+        dim = 384
     elif name == "convnet":
         layers, c_in = [], 3
         for c_out, stride in ((32, 1), (64, 2), (128, 2), (128, 2)):
@@ -830,8 +949,16 @@ def build_backbone(name: str, image_size: int, zero_init_residual: bool = False,
 
 
 def backbone_spec(name: str, image_size: int, **kwargs) -> dict:
-    """What a checkpoint records to rebuild the backbone: build_backbone(name, image_size, **kwargs)."""
-    return {"name": name, "image_size": int(image_size), "kwargs": dict(kwargs)}
+    """What a checkpoint records to rebuild the backbone: build_backbone(name, image_size, **kwargs).
+
+    Drop-path is a training-time regulariser that the evaluation encoder never uses: the spec stores rate 0
+    (vit_small) or drops the argument. A ViT's patch size is recorded explicitly, so loading a checkpoint
+    does not depend on the size rule of build_backbone."""
+    kwargs = dict(kwargs)
+    kwargs.pop("drop_path", None)
+    if name == "vit_small":
+        kwargs.update(patch_size=kwargs.get("patch_size") or _vit_patch(image_size), drop_path=0.0)
+    return {"name": name, "image_size": int(image_size), "kwargs": kwargs}
 
 
 # ================================================================================================

@@ -83,6 +83,8 @@ class Args:
     train_subset: int = _f(0, "class-stratified subset of the train split; 0 = all")
     backbone: str = _f("resnet18", "resnet18 | resnet50 | vit_small | convnet")
     zero_init_residual: bool = _f(False, "zero-init the last BN of each residual block (official: not for R18)")
+    drop_path: float = _f(0.0, "ViT stochastic depth rate of the online encoder's last block (linear over "
+                          "depth; momentum encoder 0); official ViT code: 0 (its default; its scripts keep it)")
     workers: int = _f(8, "data-loading workers per rank")
     seed: int = _f(0, "random seed")
     output_dir: str = _f("runs/resa", "run directory: log.jsonl and ckpt_epoch*.pt")
@@ -118,9 +120,12 @@ PRESETS = {
                             blur_p=0.5, zero_init_residual=True),
     # Table 8 (AdamW, bs 1024, lr 5e-4, wd 0.1, warm-up 40) + the ViT code deleted from the official repo
     # in Apr 2025 (300 epochs, final lr 1e-4, GELU heads without BN) [unverified: the lr scaling rule].
+    # DEVIATION: common.ViT has DINO's learned position embedding and trunc-normal init; that deleted code used
+    # MoCo v3's (fixed 2-D sin-cos positions, frozen random patch embedding, xavier-uniform Linears).
     "vit_small": dict(dataset="imagefolder", image_size=224, backbone="vit_small", epochs=300, batch_size=1024,
                       optimizer="adamw", lr=5e-4, final_lr_ratio=0.2, weight_decay=0.1, warmup_epochs=40,
-                      predictor=True, head_style="vit", blur_p=0.5),
+                      predictor=True, head_style="vit", blur_p=0.5,
+                      drop_path=0.0),  # OFFICIAL (deleted args.py): --drop_path 0, kept by vits16.sh
     # Ours: CPU demo (scikit-learn digits, tiny convnet, small heads). The digits are 8x8 images, so 16 px
     # loses nothing and costs a quarter of 32 px; the short run needs a faster EMA to move the momentum net.
     "digits": dict(dataset="digits", image_size=16, backbone="convnet", epochs=6, batch_size=128, lr=0.3,
@@ -310,8 +315,11 @@ def main(argv=None):
 
     # --- online net (encoder, projector, predictor) and momentum net (encoder, projector) ---
     # DEVIATION: common's CIFAR stem (32 px) lacks the official 1-px zero-pad before conv1 (34x34 maps there)
-    encoder, feat_dim = common.build_backbone(args.backbone, info.image_size,
+    encoder, feat_dim = common.build_backbone(args.backbone, info.image_size, drop_path=args.drop_path,
                                               zero_init_residual=args.zero_init_residual)
+    if args.extra_crops and args.extra_crop_size % getattr(encoder, "patch_size", 1):  # ViT: patch multiples
+        raise common.UsageError(f"--extra-crop-size {args.extra_crop_size} is not a multiple of the ViT patch "
+                                f"size {encoder.patch_size}")
     spec = common.backbone_spec(args.backbone, info.image_size, zero_init_residual=args.zero_init_residual)
     projector = build_projector(feat_dim, args.proj_hidden, args.emb_dim, args.head_style)
     predictor = build_predictor(args.emb_dim, args.proj_hidden, args.head_style) if args.predictor else None
@@ -321,7 +329,8 @@ def main(argv=None):
             if isinstance(mod, nn.Linear):
                 nn.init.xavier_uniform_(mod.weight)
                 nn.init.zeros_(mod.bias)
-    momentum = ReSANet(copy.deepcopy(encoder), copy.deepcopy(projector)).requires_grad_(False)
+    momentum = ReSANet(common.disable_drop_path(copy.deepcopy(encoder)),  # it runs in train mode: rate 0
+                       copy.deepcopy(projector)).requires_grad_(False)
     fmt = torch.channels_last if cuda else torch.contiguous_format
     online.to(device, memory_format=fmt)
     momentum.to(device, memory_format=fmt)
