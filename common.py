@@ -649,6 +649,8 @@ class _SeededViews(Dataset):
                 # the CPU generator only: transforms never touch CUDA's, and torch.manual_seed's CUDA
                 # bookkeeping costs 250x more per sample
                 torch.random.default_generator.manual_seed(sample_seed)
+                if not hasattr(self.dataset, "load"):  # e.g. a torch Subset of an ImageDataset (probe.py)
+                    return (*self.dataset[i], 0)
                 image, label, skipped = self.dataset.load(i)
                 transform = self.dataset.transform
                 return (transform(image) if transform is not None else image), label, skipped

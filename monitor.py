@@ -356,6 +356,10 @@ class Args:
         "help": "CPU threads for torch and scikit-learn (0 = their defaults). our choice: 1; on the shared 2-core "
                 "machine 2 threads made the metric set 6x slower (OpenMP spin-waiting)"})
     workers: int = field(default=0, metadata={"help": "data-loader workers"})
+    precision: str = field(default="fp32", metadata={
+        "help": "feature extraction: fp32 (exact; the default on every device) | bf16 (faster on GPUs, but rounding "
+                "the embedding changes the very spectra and entropies these metrics measure; recorded in "
+                "monitor.csv)"})
     cache_gb: float = field(default=2.0, metadata={"help": "keep each transformed image set (clean, views) in "
                                                            "memory up to this size; 0 = redo per checkpoint"})
     skip_damaged: bool = field(default=False, metadata={"help": "skip unreadable checkpoints with a warning "
@@ -573,7 +577,7 @@ class Data:
         return self._loaders[key]
 
 
-def embed(backbone, heads, loader, device, feature_sets, seed=0):
+def embed(backbone, heads, loader, device, feature_sets, seed=0, precision="fp32"):
     """Features of a loader -> ({"backbone": (N, D), "projector": (N, D')}, labels (N,)).
 
     The augmentation RNG is re-seeded before every pass (workers draw their seeds from it), so views that are
@@ -581,7 +585,7 @@ def embed(backbone, heads, loader, device, feature_sets, seed=0):
     costs milliseconds per call."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        h, y = common.extract_features(backbone, loader, device)
+        h, y = common.extract_features(backbone, loader, device, precision)
     out = {"backbone": h}
     if "projector" in feature_sets:
         out["projector"] = apply_head(heads["projector"], h, bool(heads.get("normalize_output", False)))
@@ -905,6 +909,8 @@ def main(argv=None):
 def monitor_run(args):
     """Every checkpoint of args.run_dir -> monitor.csv, correlations, plots (and the analyses asked for)."""
     t_start = time.perf_counter()
+    if args.precision not in ("fp32", "bf16"):
+        raise SystemExit(f"error: --precision takes fp32 | bf16, got {args.precision!r}")
     paths, metas = validate_checkpoints(common.list_checkpoints(args.run_dir), args.skip_damaged)
     run_dir = Path(args.run_dir) if Path(args.run_dir).is_dir() else Path(args.run_dir).parent
     out = Path(args.out_dir) if args.out_dir else run_dir
@@ -944,20 +950,21 @@ def monitor_run(args):
         epoch, method = int(meta["epoch"]), meta["method"]
         def add(features, metric, value, note=""):
             rows.append({"checkpoint": path.name, "epoch": epoch, "method": method, "features": features,
-                         "metric": metric, "value": value, "note": note})
+                         "precision": args.precision, "metric": metric, "value": value, "note": note})
 
-        train, y = embed(backbone, heads, data.loader("train", args.max_samples), device, feature_sets)
+        train, y = embed(backbone, heads, data.loader("train", args.max_samples), device, feature_sets,
+                         precision=args.precision)
         labelled = bool((y >= 0).all()) and len(torch.unique(y)) >= 2
         n_clusters = args.n_clusters or int(meta["data"].get("num_classes") or 0) or \
             (len(torch.unique(y)) if labelled else 10)
         aug = views = None
         if args.pairing == "views":
             aug, _ = embed(backbone, heads, data.loader("train", args.max_samples, "aug", seed=args.seed), device,
-                           feature_sets, args.seed)
+                           feature_sets, args.seed, args.precision)
         if args.lidar_images:
             views, _ = embed(backbone, heads, data.loader("train", args.max_samples, "aug", args.lidar_views,
                                                           args.lidar_images, args.seed + 1), device, feature_sets,
-                             args.seed + 1)
+                             args.seed + 1, args.precision)
         for fs in feature_sets:
             v = None if views is None else views[fs].reshape(-1, args.lidar_views, views[fs].shape[1])
             metrics, c1 = label_free_metrics(train[fs], n_clusters, args, None if aug is None else aug[fs], v)
@@ -973,7 +980,8 @@ def monitor_run(args):
         resa_on_test = "resa" in args.analysis and args.resa_split == "test"
         if labelled and (probe_mode in ("ridge", "knn") or resa_on_test):
             try:
-                test = embed(backbone, heads, data.loader("test", args.test_samples), device, feature_sets)
+                test = embed(backbone, heads, data.loader("test", args.test_samples), device, feature_sets,
+                             precision=args.precision)
                 n_used["test"] = len(test[1])
             except common.DatasetNotFoundError as e:  # e.g. an ImageFolder without val/: no fast probe
                 print(f"warning: no labelled test split, so no fast probe and no test-split analysis ({e})",
@@ -1007,7 +1015,7 @@ def monitor_run(args):
                 if loader is data.loader("train", args.max_samples):
                     h, ey = train["backbone"], y
                 else:
-                    h, ey = common.extract_features(backbone, loader, device)
+                    h, ey = common.extract_features(backbone, loader, device, args.precision)
                 raw = apply_head(heads["projector"], h)  # (h o f)(x): the projector output, not normalised
             rel, summary = cluster_size_summary(cluster_sizes(raw, heads["centroids"].cpu()))
             excb_sizes[epoch] = rel
@@ -1020,7 +1028,8 @@ def monitor_run(args):
         del backbone, heads
 
     # ---- correlations with the probe accuracy across checkpoints, plots -----------------------------------------
-    write_csv(out / "monitor.csv", rows, ["checkpoint", "epoch", "method", "features", "metric", "value", "note"])
+    write_csv(out / "monitor.csv", rows, ["checkpoint", "epoch", "method", "features", "precision", "metric", "value",
+                                          "note"])
     corr_rows, written = report(rows, paths, epochs, feature_sets, probe_note, args.skip_early,
                                 f"{metas[-1]['method']} {run_dir.name}", out)
     written = ["monitor.csv"] + written

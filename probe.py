@@ -423,7 +423,7 @@ def _step_lr(schedule, base, step, total):
 
 
 def linear_aug(backbone, train_set, test_x, test_y, num_classes, epochs=100, lr=0.3, batch_size=256,
-               schedule="cosine", device="cpu", workers=0, seed=0, log=print):
+               schedule="cosine", device="cpu", workers=0, seed=0, log=print, precision="fp32"):
     """ImageNet linear protocol: a linear head on the FROZEN backbone (eval mode, so BN statistics are
     fixed), trained on random-resized-crop + flip views, SGD momentum 0.9, no weight decay (ExCB's
     effective wd; ReSA sets 0). train_set yields augmented (image, label); test_x are the cached
@@ -442,7 +442,7 @@ def linear_aug(backbone, train_set, test_x, test_y, num_classes, epochs=100, lr=
         for x, y in loader:
             for group in opt.param_groups:
                 group["lr"] = _step_lr(schedule, lr, step, total)
-            with torch.no_grad(), common.autocast(device):
+            with torch.no_grad(), common.autocast(device, precision):
                 h = backbone(x.to(device, non_blocking=True))
             loss = F.cross_entropy(head(h.float()), y.to(device))
             opt.zero_grad(set_to_none=True)
@@ -488,7 +488,7 @@ def label_subset(targets, fraction=0.0, split_file=None, names=None, seed=0):
 
 
 def finetune(backbone, train_set, test_loader, num_classes, epochs=50, lr_backbone=8e-5, lr_head=1.0,
-             batch_size=512, device="cpu", workers=0, seed=0, log=print):
+             batch_size=512, device="cpu", workers=0, seed=0, log=print, precision="fp32"):
     """Semi-supervised fine-tuning: backbone (train mode) + a new linear head on the labelled subset,
     crop+flip views, SGD momentum 0.9 without weight decay, cosine to 0 per step, separate learning
     rates for the backbone and the head (ExCB Sec. 4: 50 epochs, batch 512, backbone 8e-5 / 3e-4 and
@@ -514,7 +514,7 @@ def finetune(backbone, train_set, test_loader, num_classes, epochs=50, lr_backbo
         for x, y in loader:
             for group in opt.param_groups:
                 group["lr"] = common.cosine_schedule(step, total, group["base"])
-            with common.autocast(device):
+            with common.autocast(device, precision):  # bf16 needs no GradScaler
                 logits = head(backbone(x.to(device, non_blocking=True)).float())
             loss = F.cross_entropy(logits.float(), y.to(device))
             opt.zero_grad(set_to_none=True)
@@ -523,7 +523,7 @@ def finetune(backbone, train_set, test_loader, num_classes, epochs=50, lr_backbo
             loss_sum += loss.detach()
             step += 1
         log(f"finetune epoch {epoch + 1}/{epochs} loss {float(loss_sum) / len(loader):.4f}")
-    x, y = common.extract_features(nn.Sequential(backbone, head), test_loader, device)
+    x, y = common.extract_features(nn.Sequential(backbone, head), test_loader, device, precision)
     return _eval_head(nn.Identity(), x, y, "cpu")
 
 
@@ -579,6 +579,9 @@ class Args:
     fewshot_lr: float = _f(3e-4, "Adam lr of the few-shot linear probe (NSCL)")
     # system
     eval_batch_size: int = _f(256, "batch of the feature extraction")
+    precision: str = _f("fp32", "fp32 (exact, the default on every device) | bf16 (faster on GPUs; rounds the "
+                        "features): feature extraction and the linear-aug / finetune forward passes; recorded in "
+                        "the cache name and in probe.csv")
     workers: int = _f(0, "data-loading workers")
     seed: int = _f(0, "seed of every probe's sampling and initialisation")
     cache: bool = _f(True, "reuse RUN_DIR/features/*.pt when not older than the checkpoint")
@@ -597,7 +600,7 @@ def _features(ckpt_path, ckpt, split, args, device, cache_dir):
     """
     dataset = args.dataset or ckpt["data"]["dataset"]
     limit = args.max_train if split == "train" else args.max_test
-    name = f"{Path(ckpt_path).stem}_{dataset}_{split}_backbone{f'_n{limit}' if limit else ''}.pt"
+    name = f"{Path(ckpt_path).stem}_{dataset}_{split}_backbone_{args.precision}{f'_n{limit}' if limit else ''}.pt"
     cache = Path(cache_dir) / name
     if args.cache and cache.is_file() and cache.stat().st_mtime >= Path(ckpt_path).stat().st_mtime:
         blob = torch.load(cache, map_location="cpu", weights_only=True)
@@ -605,7 +608,7 @@ def _features(ckpt_path, ckpt, split, args, device, cache_dir):
     model, meta = common.load_backbone(ckpt)
     loader = common.eval_loader(meta, split, args.data_dir or None, args.eval_batch_size, args.workers,
                                 limit, args.dataset or None)
-    x, y = common.extract_features(model.to(device), loader, device)
+    x, y = common.extract_features(model.to(device), loader, device, args.precision)
     if args.cache:
         cache.parent.mkdir(parents=True, exist_ok=True)
         common.save_checkpoint(cache, {"x": x, "y": y})  # only for its atomic write: not a checkpoint
@@ -665,7 +668,9 @@ def _probe_rows(args, trx, try_, tex, tey, device, log):
     return out
 
 
-FIELDS = ["checkpoint", "epoch", "method", "features", "dataset", "probe", "metric", "shots", "value", "std"]
+FIELDS = ["checkpoint", "epoch", "method", "features", "dataset", "precision", "probe", "metric", "shots", "value",
+          "std"]
+KEY = ("checkpoint", "features", "dataset", "precision", "probe", "metric", "shots")  # a row's identity
 
 
 def _write_results(out_dir, rows):
@@ -673,7 +678,7 @@ def _write_results(out_dir, rows):
     (checkpoint, features, dataset, probe, metric, shots); rows of other probes or checkpoints are kept."""
     csv_path = Path(out_dir) / "probe.csv"
     def key(r):
-        return tuple("" if r.get(k) is None else str(r[k]) for k in FIELDS[:8] if k not in ("epoch", "method"))
+        return tuple("" if r.get(k) is None else str(r[k]) for k in KEY)
     merged = {}
     if csv_path.is_file():
         with open(csv_path) as f:
@@ -821,7 +826,8 @@ def _train_checkpoint(args, path, ckpt, meta, device, cache_dir):
     if args.mode == "linear-aug":
         tex, tey, _ = _features(path, ckpt, "test", args, device, cache_dir)  # frozen: the cached ones
         r = linear_aug(model, train_set, tex, tey, C, args.epochs or 100, args.lr or 0.3,
-                       args.batch_size or 256, args.lr_schedule, device, args.workers, args.seed, common.print0)
+                       args.batch_size or 256, args.lr_schedule, device, args.workers, args.seed, common.print0,
+                       args.precision)
         return [("linear_aug", "top1", r["top1"], None, None), ("linear_aug", "top5", r["top5"], None, None)]
     names = None  # file names, for SimCLR split files on ImageFolder data
     if args.split_file and hasattr(getattr(train_set, "source", None), "samples"):
@@ -837,7 +843,7 @@ def _train_checkpoint(args, path, ckpt, meta, device, cache_dir):
                                      args.max_test, args.dataset or None)
     r = finetune(model, torch.utils.data.Subset(train_set, idx.tolist()), test_loader, C, args.epochs or 50,
                  args.lr_backbone or (8e-5 if low else 3e-4), args.lr or (1.0 if low else 0.2),
-                 args.batch_size or 512, device, args.workers, args.seed, common.print0)
+                 args.batch_size or 512, device, args.workers, args.seed, common.print0, args.precision)
     return [(tag, "top1", r["top1"], None, None), (tag, "top5", r["top5"], None, None)]
 
 
@@ -853,6 +859,8 @@ def main(argv=None):
         sys.exit("error: give a checkpoint file or run directory: python probe.py RUN_DIR [flags]")
     if args.features not in ("backbone", "projector"):
         sys.exit(f"error: --features must be backbone or projector, got {args.features!r}")
+    if args.precision not in ("fp32", "bf16"):
+        sys.exit(f"error: --precision takes fp32 | bf16, got {args.precision!r}")
     if args.mode not in ("probe", "linear-aug", "finetune"):
         sys.exit(f"error: unknown --mode {args.mode!r}")
     unknown = {p.strip() for p in args.probes.split(",") if p.strip()} - set(PROBES)
@@ -869,7 +877,7 @@ def main(argv=None):
         common.print0(f"{path.name}: {meta['method']} epoch {meta['epoch']}, {args.features} features, "
                       f"{dataset}")
         base = {"checkpoint": path.name, "epoch": meta["epoch"], "method": meta["method"],
-                "features": args.features, "dataset": dataset}
+                "features": args.features, "dataset": dataset, "precision": args.precision}
         if args.mode == "probe":
             results = _probe_checkpoint(args, path, ckpt, device, run_dir / "features")
         else:

@@ -56,7 +56,8 @@ def test_end_to_end_all_outputs(run_dir, tmp_path):
     monitor.main([str(run_dir), *FAST, "--features", "all", "--analysis", "resa", "excb", "--excb-samples", "300",
                   "--tsne-classes", "4", "--tsne-per-class", "15", "--out-dir", str(out)])
     rows = read(out / "monitor.csv")
-    assert list(rows[0]) == ["checkpoint", "epoch", "method", "features", "metric", "value", "note"]
+    assert list(rows[0]) == ["checkpoint", "epoch", "method", "features", "precision", "metric", "value", "note"]
+    assert {r["precision"] for r in rows} == {"fp32"}  # float32 features unless --precision bf16
     assert sorted({int(r["epoch"]) for r in rows}) == [0, 2, 4]
     for fs in ("backbone", "projector"):
         got = {r["metric"] for r in rows if r["features"] == fs}

@@ -155,6 +155,7 @@ def test_cli_projector_features(probed):
     rows = [r for r in _rows(d) if r["features"] == "projector"]
     assert {r["probe"] for r in rows} == {"fewshot", "cdnv"}
     assert all(r["checkpoint"] == "ckpt_epoch0002.pt" for r in rows)
+    assert {r["precision"] for r in rows} == {"fp32"}  # float32 extraction unless --precision bf16
 
 
 def test_linear_probe_digits_features_matches_sklearn(probed):
@@ -162,8 +163,8 @@ def test_linear_probe_digits_features_matches_sklearn(probed):
     from sklearn.linear_model import LogisticRegression
 
     d, _ = probed
-    tr = torch.load(d / "features" / "ckpt_epoch0002_digits_train_backbone.pt", weights_only=True)
-    te = torch.load(d / "features" / "ckpt_epoch0002_digits_test_backbone.pt", weights_only=True)
+    tr = torch.load(d / "features" / "ckpt_epoch0002_digits_train_backbone_fp32.pt", weights_only=True)
+    te = torch.load(d / "features" / "ckpt_epoch0002_digits_test_backbone_fp32.pt", weights_only=True)
     ours = probe.linear_probe(tr["x"], tr["y"], te["x"], te["y"])
     with threadpool_limits(1):
         clf = LogisticRegression(max_iter=5000).fit(tr["x"].numpy(), tr["y"].numpy())
@@ -237,6 +238,6 @@ def test_transfer_to_another_dataset(tmp_path):
            "--no-plots"])
     rows = _rows(tmp_path)
     assert {r["dataset"] for r in rows} == {"digits"} and len(rows) == 2
-    assert (tmp_path / "features" / "ckpt_epoch0001_digits_train_backbone_n500.pt").is_file()
-    te = torch.load(tmp_path / "features" / "ckpt_epoch0001_digits_test_backbone_n200.pt", weights_only=True)
+    assert (tmp_path / "features" / "ckpt_epoch0001_digits_train_backbone_fp32_n500.pt").is_file()
+    te = torch.load(tmp_path / "features" / "ckpt_epoch0001_digits_test_backbone_fp32_n200.pt", weights_only=True)
     assert te["x"].shape == (200, 128)
