@@ -97,3 +97,19 @@ def test_divergence_stops_before_any_bad_checkpoint(name, tmp_path):
         tensors = [v for part in state.values() if isinstance(part, dict) for v in part.values()
                    if isinstance(v, torch.Tensor) and v.is_floating_point()]
         assert tensors and all(torch.isfinite(t).all() for t in tensors), f"{path.name} holds non-finite values"
+
+
+@pytest.mark.slow
+def test_torchrun_forwards_sigterm_and_both_ranks_resume(tmp_path):
+    """Under torchrun (2 gloo ranks) SIGTERM to the launcher reaches both workers; they stop after the same step,
+    rank 0 saves, and the same command continues to the same final weights as an uninterrupted 2-rank run."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    base = lambda d: launch + _cmd("simclr_nscl", d, "--resume", "auto")[1:]  # noqa: E731
+    assert _run(base(tmp_path / "ref")).returncode == 0
+    _, log = _interrupted(base(tmp_path / "job"), signal.SIGTERM, after_step=2)
+    assert "stopped by a signal after step" in log, log[-3000:]
+    again = _run(base(tmp_path / "job"))
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    a = common.load_checkpoint(tmp_path / "ref" / "ckpt_epoch0002.pt")["train_state"]["model"]
+    b = common.load_checkpoint(tmp_path / "job" / "ckpt_epoch0002.pt")["train_state"]["model"]
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
