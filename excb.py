@@ -518,6 +518,7 @@ def main():
             common.prune_interrupted(args.output_dir, step)
 
     logger = common.RunLogger(args.output_dir, dist, total, start_step=step)
+    logger.log({"config": dataclasses.asdict(args), "world_size": dist.world_size, "precision": prec.name})
     guard = common.DivergenceGuard(device, steps_per_epoch, total,
                                    lambda t: schedules(t, total, warmup, args)["lr"], args.output_dir)
     stop = common.StopSignal(dist)

@@ -33,6 +33,7 @@ momentum-encoder k-NN, DINO cosine k=20, at initialisation -> end; details in do
   cifar10 / imagenet presets on GPUs: unmeasured (no GPU in this session)
 """
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -391,6 +392,7 @@ def main(argv=None):
         common.prune_interrupted(args.output_dir, step)
 
     logger = common.RunLogger(args.output_dir, dist, total_steps, start_step=step)
+    logger.log({"config": dataclasses.asdict(args), "world_size": dist.world_size, "precision": prec.name})
     guard = common.DivergenceGuard(device, steps_per_epoch, total_steps, lr_at, args.output_dir)
     stop = common.StopSignal(dist)
     if step == 0:

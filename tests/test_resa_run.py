@@ -49,6 +49,8 @@ def test_checkpoints_log_and_heads(run_dir):
     for k, v in backbone.state_dict().items():
         assert torch.equal(v, state["momentum"]["encoder." + k]), k
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert records[0]["precision"] == "fp32" and records[0]["config"]["epochs"] == 2  # the start line
+    records = records[1:]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for r in records:
         assert {"loss", "sched/lr", "sched/ema", "perf/images_per_s", "perf/peak_mem_gb", "perf/eta_s",
