@@ -91,6 +91,8 @@ class Args:
     backbone: str = _f("resnet50", "resnet18 | resnet50 | vit_small | convnet")
     zero_init_residual: bool = _f(True, "zero-init the last BN of each residual block (official R50: yes)")
     workers: int = _f(8, "data-loading workers per rank")
+    data_path: str = _f("auto", "auto | device | loader: device = images on the training device, views made there in "
+                        "batches; loader = DataLoader workers; auto = device when the set fits (common.py)")
     seed: int = _f(0, "random seed")
     output_dir: str = _f("runs/excb", "run directory: log.jsonl and ckpt_epoch*.pt")
     save_every: int = _f(20, "checkpoint every N epochs (plus the last)")
@@ -443,7 +445,7 @@ def main():
                                  args.train_subset, args.seed, image_size=args.image_size)
     info = dataclasses.replace(info, num_classes=train.num_classes)
     has_labels = bool((train.targets >= 0).all())
-    loader = common.build_loader(train, B, dist, args.workers, seed=args.seed)
+    loader = common.build_train_loader(train, B, dist, args.data_path, args.workers, seed=args.seed)
     steps_per_epoch = len(loader)
     total, warmup = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
 
