@@ -495,8 +495,7 @@ class Augment:
                  flip_p=0.5, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.0,
                  blur_sigma=(0.1, 2.0), blur_kernel=None, solarize_p=0.0, mean=IMAGENET_MEAN,
                  std=IMAGENET_STD):
-        # The recipe as data: DeviceLoader (section 2b) rebuilds exactly this recipe for batched views. The crop
-        # scale lives in self.crop (set_scale moves it), so `scale` below always reads the current one.
+        # the recipe as data for DeviceLoader (section 2b); the crop scale stays in self.crop, which set_scale moves
         self.size, self.ratio, self.interpolation = size, tuple(ratio), interpolation
         self.flip_p, self.jitter, self.jitter_p, self.gray_p = flip_p, jitter, jitter_p, gray_p
         self.blur_p, self.blur_sigma, self.solarize_p = blur_p, tuple(blur_sigma), solarize_p
@@ -737,10 +736,12 @@ class ClassBalancedBatchSampler:
 #   ToDtype, Normalize  v / 255, then (x - mean) / std                  the same
 #
 # Between the ops pixels stay integers in [0, 255] (held as float32), truncated or rounded exactly where
-# torchvision's uint8 kernels do, so every op equals torchvision up to float rounding at those points
-# (tests/test_common_device_views.py states the tolerances). The random parameters are drawn on the CPU from a
-# generator seeded by (seed, epoch, step, rank): views are a pure function of those, so --resume (whole or
-# mid-epoch) is exact; they reach the device in two copies per step (pinned, non_blocking: no host-device sync).
+# torchvision's uint8 kernels do, so every op equals torchvision up to float rounding at those points, and the
+# resize also up to torch's int16 fixed-point weights (tests/test_common_device_views.py states the tolerances).
+# The random parameters are drawn on the CPU from a generator seeded by (seed, epoch, step, rank): views are a
+# pure function of those, so --resume (whole or mid-epoch) is exact; they reach the device in two copies per step
+# (pinned, non_blocking: no host-device sync). Views of one size and colour ranges (SimCLR's pair, ExCB's global
+# crops, its local crops) are made as one batch.
 
 def _aa_filter(x: torch.Tensor, interpolation: str) -> torch.Tensor:
     """torch's antialiasing kernels (PIL's): the triangle for bilinear, Keys' cubic with a = -0.5 for bicubic.
