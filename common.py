@@ -7,6 +7,8 @@ Copy a method file plus this one and you have the method.
 Sections (banner comments below, in this order):
   1. distributed  setup from torchrun's environment, rank-0 printing, gathers with the right gradient
   2. data         datasets (digits, CIFAR-10/100, STL-10, ImageFolder), view recipes, epoch-seeded loaders
+  2b. device data the training set held on the training device, its views made there in batches; the choice
+                  between that and the DataLoader (build_train_loader, --data-path)
   3. backbones    ResNet-18/50 (CIFAR or ImageNet stem, width multiplier), ViT-S/16 (DINO layout: any input
                   size, drop-path), a tiny convnet
   4. checkpoints  one documented format, atomic writes, strict loading with clear errors, --resume auto
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -535,18 +538,31 @@ def build_dataset(name: str, split: str, transform=None, data_dir: str | None = 
 _INTERP = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC}
 
 
+def _hw(size) -> tuple[int, int]:
+    """An image size as torchvision takes it (int, or (h, w)) -> (h, w)."""
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[-1]))
+
+
 class Augment:
     """One augmented view, parametrised so each method file states its recipe (torchvision v2).
 
     Order: random resized crop -> flip -> colour jitter -> grayscale -> Gaussian blur -> solarize ->
     float in [0, 1] -> normalise. Works on PIL images and uint8 CHW tensors; solarize uses the PIL
     threshold 128 on uint8. `blur_kernel=None` picks an odd kernel of ~10% of the crop (SimCLR's rule).
+    The arguments stay readable as attributes (`scale`: the crop's current one), from which DeviceLoader
+    (section 2b) makes the same views for a whole batch at once.
     """
 
     def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation="bilinear",
                  flip_p=0.5, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.0,
                  blur_sigma=(0.1, 2.0), blur_kernel=None, solarize_p=0.0, mean=IMAGENET_MEAN,
                  std=IMAGENET_STD):
+        # the recipe as data for DeviceLoader (section 2b); the crop scale stays in self.crop, which set_scale moves
+        self.size, self.ratio, self.interpolation = size, tuple(ratio), interpolation
+        self.flip_p, self.jitter, self.jitter_p, self.gray_p = flip_p, jitter, jitter_p, gray_p
+        self.blur_p, self.blur_sigma, self.solarize_p = blur_p, tuple(blur_sigma), solarize_p
+        self.blur_kernel = blur_kernel or (int(0.1 * min(_hw(size))) // 2 * 2 + 1)
+        self.mean, self.std = tuple(mean), tuple(std)
         self.crop = v2.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio),
                                          interpolation=_INTERP[interpolation], antialias=True)
         ops = [v2.ToImage(), self.crop]
@@ -557,12 +573,15 @@ class Augment:
         if gray_p > 0:
             ops.append(v2.RandomGrayscale(gray_p))
         if blur_p > 0:
-            k = blur_kernel or (int(0.1 * size) // 2 * 2 + 1)
-            ops.append(v2.RandomApply([v2.GaussianBlur(k, sigma=tuple(blur_sigma))], p=blur_p))
+            ops.append(v2.RandomApply([v2.GaussianBlur(self.blur_kernel, sigma=tuple(blur_sigma))], p=blur_p))
         if solarize_p > 0:
             ops.append(v2.RandomSolarize(threshold=128, p=solarize_p))
         ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
         self.transform = v2.Compose(ops)
+
+    @property
+    def scale(self) -> tuple:
+        return tuple(self.crop.scale)
 
     def set_scale(self, scale) -> None:
         self.crop.scale = tuple(scale)
@@ -681,6 +700,8 @@ class EpochLoader:
     sees there. Yields (views, labels); `skipped_images` counts unreadable files passed over (--skip-bad-images).
     """
 
+    path = "loader"  # build_train_loader's other choice is DeviceLoader (section 2b), path "device"
+
     def __init__(self, dataset, batch_size, dist: DistInfo, workers=0, shuffle=True, drop_last=True,
                  seed=0, batch_sampler=None):
         if batch_sampler is None:
@@ -754,6 +775,570 @@ class ClassBalancedBatchSampler:
             per_rank = self.batch // self.dist.world_size
             start = b * self.batch + self.dist.rank * per_rank
             yield order[start:start + per_rank]
+
+
+# ================================================================================================
+# 2b. DATA ON THE DEVICE: the training set decoded once, views made in batches
+# ================================================================================================
+# Small datasets (digits, CIFAR-10/100, STL-10, a small ImageFolder) fit on the training device as one uint8
+# tensor (N, 3, H, W). Each step then makes its views there for the whole per-rank batch at once, with
+# per-image random parameters, op for op as common.Augment makes them with torchvision v2 on uint8 tensors:
+#
+#   Augment's op        torchvision, per image                          here, per batch
+#   RandomResizedCrop   <= 10 tries: area ~ U(scale) H W, log aspect    the same draws, vectorised; crop + resize
+#                       ~ U(log ratio), integer box; else centre crop;  as two matrix products per image with
+#                       crop, antialiased resize (uint8 kernel:         torch's antialias weights, rounded after
+#                       horizontal pass, rounded, vertical pass)        each pass (resample_matrix)
+#   RandomHorizontalFlip p                                              the resize matrix's rows reversed
+#   ColorJitter         RandomApply(p); factors ~ U(range); the 4 ops   the same draws; brightness, contrast and
+#                       in a random order, uint8 after each             saturation as one blend op, in 3 slots
+#                                                                       before hue and 3 after (_op_subsets)
+#   RandomGrayscale     0.2989 R + 0.587 G + 0.114 B, truncated         the same
+#   GaussianBlur        RandomApply(p); sigma ~ U(range); k x k         the same kernel as a reflect-padded
+#                       kernel, reflect padding, rounded                (size x size) matrix per image
+#   RandomSolarize      v >= 128 -> 255 - v                             the same
+#   ToDtype, Normalize  v / 255, then (x - mean) / std                  the same
+#
+# Between the ops pixels stay integers in [0, 255] (held as float32), truncated or rounded exactly where
+# torchvision's uint8 kernels do, so every op equals torchvision up to float rounding at those points, and the
+# resize also up to torch's int16 fixed-point weights (tests/test_common_device_views.py states the tolerances).
+# The random parameters are drawn on the CPU from a generator seeded by (seed, epoch, step, rank): views are a
+# pure function of those, so --resume (whole or mid-epoch) is exact; they reach the device in two copies per step
+# (pinned, non_blocking: no host-device sync). Views of one size and colour ranges (SimCLR's pair, ExCB's global
+# crops, its local crops) are made as one batch.
+
+def _aa_filter(x: torch.Tensor, interpolation: str) -> torch.Tensor:
+    """torch's antialiasing kernels (PIL's): the triangle for bilinear, Keys' cubic with a = -0.5 for bicubic.
+    The cubic's two pieces both vanish at |x| = 1 and its outer piece at |x| = 2, so clamping |x| into each
+    piece's interval and adding them gives the piecewise kernel without a select (slow on CPU)."""
+    x = x.abs()
+    if interpolation == "bilinear":
+        return (1.0 - x).clamp_(min=0.0)
+    a = -0.5
+    near = x.clamp(max=1.0)
+    far = x.clamp(1.0, 2.0)
+    return ((a + 2) * near - (a + 3)) * near * near + 1 + (((a * far - 5 * a) * far + 8 * a) * far - 4 * a)
+
+
+def resample_matrix(start, length, in_size: int, out_size: int, interpolation: str = "bilinear",
+                    flip=None) -> torch.Tensor:
+    """Per image, the antialiased 1-D resampling of the crop [start, start + length) of an axis of in_size pixels
+    to out_size pixels, as a matrix M (n, out_size, in_size): resampled row = M @ row. start, length: (n,);
+    flip (n,) nonzero: the output reversed (a horizontal flip after the resize).
+
+    torch's rule for interpolate(antialias=True, align_corners=False), PIL's too: scale = length / out_size;
+    output i is centred at scale (i + 1/2) in the crop; the filter is stretched by max(scale, 1), so a crop that
+    shrinks is averaged over (antialiasing) and one that grows is interpolated; taps outside the crop are dropped
+    and each row is renormalised to sum 1. A crop of the output size gives the identity (an exact copy)."""
+    length = length.to(torch.float32)
+    scale = length / out_size                                                          # (n,)
+    inv_stretch = 1.0 / scale.clamp(min=1.0)
+    i = torch.arange(out_size, device=length.device, dtype=torch.float32).expand(len(length), -1)
+    if flip is not None:
+        i = torch.where(flip[:, None] > 0, out_size - 1 - i, i)                        # (n, out)
+    center = scale[:, None] * (i + 0.5)                                                # (n, out)
+    j = torch.arange(in_size, device=length.device)[None] - start[:, None]             # (n, in): position in crop
+    inside = ((j >= 0) & (j < length[:, None])).float()[:, None, :]                    # (n, 1, in)
+    w = _aa_filter((j[:, None, :] + 0.5 - center[:, :, None]) * inv_stretch[:, None, None], interpolation)
+    w = w * inside                                                                     # (n, out, in)
+    return w / w.sum(-1, keepdim=True)                                                 # rows sum to 1
+
+
+def _along_w(x, M):
+    """x (n, C, H, W), M (n, w, W) -> (n, C, H, w): each image's rows times its M^T (one batched product)."""
+    n, C, H, W = x.shape
+    return torch.bmm(x.reshape(n, C * H, W), M.transpose(1, 2)).view(n, C, H, -1)
+
+
+def _along_h(x, M):
+    """x (n, C, H, W), M (n, h, H) -> (n, C, h, W): M times each image's columns (one batched product)."""
+    n, C, H, W = x.shape
+    y = torch.bmm(M, x.transpose(1, 2).reshape(n, H, C * W))                          # (n, h, C W)
+    return y.view(n, -1, C, W).transpose(1, 2).contiguous()
+
+
+def batch_resized_crop(x, box, size, interpolation: str = "bilinear", flip=None) -> torch.Tensor:
+    """RandomResizedCrop's crop + antialiased resize, then the horizontal flip, for a batch.
+
+    x (n, C, H, W) float holding uint8 values; box (n, 4) = (top, left, height, width) per image; size: output
+    (h, w) or int; flip (n,) nonzero = flip. Two passes as torch's uint8 kernel (and PIL) resamples: horizontal,
+    rounded half up to uint8 values, then vertical, rounded half up. Flipping the resized crop reverses its
+    columns, i.e. the rows of the horizontal matrix, so it costs nothing. Each pass is one batched matrix
+    product over the whole image (taps outside the crop weigh 0)."""
+    h, w = _hw(size)
+    Mx = resample_matrix(box[:, 1], box[:, 3], x.shape[-1], w, interpolation, flip)    # (n, w, W)
+    My = resample_matrix(box[:, 0], box[:, 2], x.shape[-2], h, interpolation)          # (n, h, H)
+    x = _along_w(x, Mx).add_(0.5).floor_().clamp_(0, 255)                              # (n, C, H, w)
+    return _along_h(x, My).add_(0.5).floor_().clamp_(0, 255)                           # (n, C, h, w)
+
+
+def _gray(x):
+    """(n, 3, H, W) -> (n, 1, H, W) luma in float, not truncated (torchvision's weights)."""
+    return x[:, 0:1] * 0.2989 + x[:, 1:2] * 0.587 + x[:, 2:3] * 0.114
+
+
+def batch_blend(x, f, to_mean, to_gray):
+    """ColorJitter's brightness, contrast and saturation per image, in one op: all three are torchvision's
+    _blend(x, base, f) = x f + base (1 - f), clamped to [0, 255] and truncated, with base black (brightness),
+    the mean of the truncated luma (contrast) or the truncated luma (saturation). x (n, 3, H, W) uint8 values as
+    float; f (n,) the factor; to_mean, to_gray (n,) 1.0 for contrast, resp. saturation, else 0.0 (so base is
+    exactly 0, the mean or the luma: multiplying by 0 or 1 is exact)."""
+    luma = _gray(x).floor_()                                                           # (n, 1, H, W)
+    view = lambda t: t.view(-1, 1, 1, 1)  # noqa: E731
+    base = view(to_mean) * luma.mean((1, 2, 3), keepdim=True) + view(to_gray) * luma
+    return (x * view(f) + base * view(1.0 - f)).clamp_(0, 255).floor_()
+
+
+@functools.lru_cache(maxsize=None)
+def _const(values: tuple, device: torch.device) -> torch.Tensor:
+    """A small constant made once per device: a tensor built from a list each step would be a pageable
+    host-to-device copy, which on CUDA waits for the GPU."""
+    return torch.tensor(values, dtype=torch.float32).to(device)
+
+
+def batch_hue(x, f):
+    """adjust_hue per image, f (n,): to [0, 1], RGB -> HSV (torchvision's model, Pillow's), h <- (h + f) mod 1,
+    HSV -> RGB, back to uint8 values as torchvision converts (x 255.999, truncated).
+
+    With v = max, c = max - min, s = c / v and h6 = 6 h in [0, 6), each channel is v - v s g(h6): g is 0 on the
+    two sectors where the channel is the max, 1 on the two opposite ones and a ramp between, i.e.
+    g = clamp(2 - d, 0, 1) with d the distance around the hue circle from h6 to 3 (R), 5 (G), 1 (B). These are
+    torchvision's v, p, q, t in closed form, the same numbers up to float rounding, in ~40 batched ops; masks are
+    products with 0/1 factors, as select, fmod and gather are slow on CPU."""
+    x = x * (1.0 / 255)
+    v = x.amax(1, keepdim=True)                                                        # (n, 1, H, W)
+    c = v - x.amin(1, keepdim=True)
+    s = c / v.clamp(min=1e-30)          # v = 0 only for black, where c = 0 too: s = 0 as in torchvision
+    gap = v - x                                                                        # (n, 3, H, W)
+    is_max = (1.0 - gap * 2.0**20).clamp_(min=0.0)  # 1 where a channel is the max, else 0 (gap >= 1/255)
+    rc, gc, bc = (gap / c.clamp(min=1e-30)).unbind(1)
+    e_r = is_max[:, 0]                                                                 # ties: R, then G, then B
+    e_g = is_max[:, 1] * (1.0 - e_r)
+    h6 = e_r * (bc - gc) + e_g * (rc + 2.0 - bc) + (1.0 - e_r - e_g) * (gc + 4.0 - rc)  # in (-1, 5]
+    h6 = h6 + 6.0 * f.view(-1, 1, 1)
+    h6 = (h6 - 6.0 * (h6 * (1.0 / 6.0)).floor_())[:, None]                             # mod 6, (n, 1, H, W)
+    d = (h6 - _const((3.0, 5.0, 1.0), x.device).view(1, 3, 1, 1)).abs_()  # R, G, B lose most at 6 h = 3, 5, 1
+    g = (2.0 - torch.minimum(d, 6.0 - d)).clamp_(0.0, 1.0)                             # (n, 3, H, W)
+    return ((v - (v * s) * g).clamp_(0.0, 1.0) * (256.0 - 1e-3)).floor_()
+
+
+def batch_grayscale(x):
+    """rgb_to_grayscale with 3 output channels: truncated luma in every channel."""
+    return _gray(x).floor_().expand(-1, 3, -1, -1).contiguous()
+
+
+def blur_matrix(sigma, kernel_size: int, size: int) -> torch.Tensor:
+    """Per image, the 1-D Gaussian blur of a row of `size` pixels with kernel_size taps (exp(-d^2 / (2 sigma^2)),
+    normalised) and reflect padding by kernel_size // 2 (as torchvision pads), as a matrix (n, size, size)."""
+    half = kernel_size // 2
+    d = torch.arange(kernel_size, device=sigma.device, dtype=torch.float32) - half
+    kernel = torch.exp(-0.5 * (d / sigma[:, None]) ** 2)
+    kernel = kernel / kernel.sum(1, keepdim=True)                                      # (n, k), sums to 1
+    pos = (torch.arange(size, device=sigma.device)[:, None] + torch.arange(kernel_size, device=sigma.device) - half)
+    pos = pos.abs()                                                                    # reflect at the left edge
+    pos = torch.where(pos > size - 1, 2 * (size - 1) - pos, pos)                       # and at the right edge
+    n = len(sigma)
+    M = torch.zeros(n, size, size, device=sigma.device)
+    return M.scatter_add_(2, pos.expand(n, size, kernel_size), kernel[:, None, :].expand(n, size, kernel_size))
+
+
+def batch_gaussian_blur(x, kernel_size: int, sigma):
+    """gaussian_blur per image (separable, sigma (n,) per image), rounded as torchvision rounds uint8."""
+    Bx = blur_matrix(sigma, kernel_size, x.shape[-1])                                  # (n, W, W)
+    By = Bx if x.shape[-2] == x.shape[-1] else blur_matrix(sigma, kernel_size, x.shape[-2])
+    return _along_h(_along_w(x, Bx), By).round_()
+
+
+def batch_solarize(x, threshold: int = 128):
+    """solarize on uint8: values >= threshold are inverted. For integers, min(floor(x / threshold), 1) is the
+    mask of those values (a select would be slow on CPU)."""
+    m = (x / threshold).floor_().clamp_(max=1.0)
+    return x + m * (255.0 - 2.0 * x)
+
+
+def batch_normalize(x, mean, std):
+    """ToDtype(float32, scale=True) then Normalize: (x / 255 - mean) / std."""
+    mean = _const(tuple(mean), x.device).view(1, -1, 1, 1)
+    std = _const(tuple(std), x.device).view(1, -1, 1, 1)
+    return (x * (1.0 / 255) - mean) / std
+
+
+def _jitter_ranges(jitter) -> list:
+    """ColorJitter's factor ranges from its arguments (brightness, contrast, saturation, hue): a number v gives
+    (max(0, 1 - v), 1 + v), for hue (-v, v); a pair is taken as is; an identity range is None (torchvision
+    then skips that op)."""
+    jitter = list(jitter or ()) + [None] * (4 - len(jitter or ()))
+    ranges = []
+    for v, center in zip(jitter, (1.0, 1.0, 1.0, 0.0)):
+        if v is None:
+            ranges.append(None)
+            continue
+        if isinstance(v, (int, float)):
+            lo, hi = center - v, center + v
+            lo = max(lo, 0.0) if center == 1.0 else lo
+        else:
+            lo, hi = float(v[0]), float(v[1])
+        ranges.append(None if lo == hi == center else (lo, hi))
+    return ranges
+
+
+def sample_view_params(augs, n: int, image_hw, g: torch.Generator) -> dict:
+    """Random parameters of n images of size image_hw = (H, W) under each Augment of augs (one or a list: rows
+    [k n, (k + 1) n) belong to augs[k]), drawn from the CPU generator g with torchvision's distributions -> CPU
+    tensors of V n rows: box (top, left, height, width); flip, jitter, gray, blur, solarize: bool, op applied;
+    order (V n, 4): the colour ops' order (0 brightness, 1 contrast, 2 saturation, 3 hue); factors (V n, 4);
+    sigma. Every draw is made whatever the probabilities, so the stream's layout is fixed."""
+    augs = [augs] if isinstance(augs, Augment) else list(augs)
+    H, W = image_hw
+    N = len(augs) * n
+
+    def per_row(values, dtype=torch.float64):  # one value (or row) per Augment -> one per image
+        return torch.tensor(values, dtype=dtype).repeat_interleave(n, dim=0)
+
+    # RandomResizedCrop: up to 10 tries of area ~ U(scale) H W and log aspect ~ U(log ratio); the first integer
+    # box (Python's round: half to even, as torch.round) that fits wins; top and left uniform over the places
+    lo, hi = per_row([a.scale for a in augs]).unbind(1)
+    r0, r1 = per_row([[math.log(r) for r in a.ratio] for a in augs]).unbind(1)
+    lo, hi, r0, r1 = lo[:, None], hi[:, None], r0[:, None], r1[:, None]                # (V n, 1)
+    area = H * W * (lo + (hi - lo) * torch.rand(N, 10, generator=g, dtype=torch.float64))
+    aspect = torch.exp(r0 + (r1 - r0) * torch.rand(N, 10, generator=g, dtype=torch.float64))
+    w = torch.round(torch.sqrt(area * aspect)).long()
+    h = torch.round(torch.sqrt(area / aspect)).long()
+    fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    first = fits.long().argmax(1, keepdim=True)  # argmax returns the first of equal maxima: the first fitting try
+    w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
+    u = torch.rand(N, 2, generator=g, dtype=torch.float64)
+    top, left = (u[:, 0] * (H - h + 1)).floor().long(), (u[:, 1] * (W - w + 1)).floor().long()
+    # no try fits: the whole image, cut to the nearest aspect ratio in range, centred (torchvision's fallback)
+    fallback = []
+    for a in augs:
+        if W / H < min(a.ratio):
+            fw, fh = W, int(round(W / min(a.ratio)))
+        elif W / H > max(a.ratio):
+            fw, fh = int(round(H * max(a.ratio))), H
+        else:
+            fw, fh = W, H
+        fallback.append(((H - fh) // 2, (W - fw) // 2, fh, fw))
+    box = torch.where(fits.any(1, keepdim=True), torch.stack([top, left, h, w], 1), per_row(fallback, torch.long))
+    # the other ops: coins as torchvision's RandomApply (applied when U < p), factors ~ U(range), a uniform order
+    coin = lambda p: torch.rand(N, generator=g) < per_row(p, torch.float32)  # noqa: E731
+    flip = coin([a.flip_p for a in augs])
+    jitter = coin([a.jitter_p if a.jitter is not None else 0.0 for a in augs])
+    order = torch.rand(N, 4, generator=g).argsort(1)  # a uniformly random permutation per image, as randperm(4)
+    identity = ((1.0, 1.0), (1.0, 1.0), (1.0, 1.0), (0.0, 0.0))  # the range of an op that is off
+    ranges = [[r or identity[c] for c, r in enumerate(_jitter_ranges(a.jitter))] for a in augs]
+    f_lo = per_row([[r[0] for r in rs] for rs in ranges], torch.float32)                # (V n, 4)
+    f_hi = per_row([[r[1] for r in rs] for rs in ranges], torch.float32)
+    factors = f_lo + (f_hi - f_lo) * torch.rand(N, 4, generator=g)
+    gray = coin([a.gray_p for a in augs])
+    blur = coin([a.blur_p for a in augs])
+    s0, s1 = per_row([a.blur_sigma for a in augs], torch.float32).unbind(1)
+    sigma = s0 + (s1 - s0) * torch.rand(N, generator=g)
+    solarize = coin([a.solarize_p for a in augs])
+    return {"box": box, "flip": flip, "jitter": jitter, "order": order, "factors": factors, "gray": gray,
+            "blur": blur, "sigma": sigma, "solarize": solarize}
+
+
+def _op_subsets(aug: Augment, p: dict) -> dict:
+    """The sampled parameters -> what the device needs: the box and flip of every image, and for each op the
+    indices of the images it applies to (known here on the host, so the device never reports a count back).
+
+    ColorJitter applies its 4 ops in a random order per image. Splitting each order at hue, an image's ops are:
+    up to 3 blends (brightness, contrast or saturation, batch_blend), hue, up to 3 blends. So the device runs
+    blend slots 0, 1, 2, then hue on every jittered image, then blend slots 3, 4, 5, each slot on the images
+    that have an op there: 7 batched ops in place of 16 (position x op), each image's ops still in its order."""
+    plan = {"box": p["box"], "flip": p["flip"].long()}
+    on = torch.tensor([r is not None for r in _jitter_ranges(aug.jitter)])  # ops with a non-identity range
+    if on.any():
+        order, jitter, factors = p["order"], p["jitter"], p["factors"]
+        hue_at = (order == 3).long().argmax(1)                                          # (n,)
+        for slot in range(6):
+            if slot < 3:  # the slot-th op before hue
+                pos = torch.full_like(hue_at, slot)
+                there = jitter & (pos < hue_at)
+            else:         # the (slot - 3)-th op after hue
+                pos = hue_at + slot - 2
+                there = jitter & (pos < 4)
+            op = order.gather(1, pos.clamp(max=3)[:, None])[:, 0]
+            idx = (there & on[op]).nonzero()[:, 0]
+            if len(idx):
+                op = op[idx]
+                plan[f"blend{slot}"], plan[f"blend{slot}_f"] = idx, factors[idx, op]
+                plan[f"blend{slot}_mean"], plan[f"blend{slot}_gray"] = (op == 1).float(), (op == 2).float()
+        idx = jitter.nonzero()[:, 0]
+        if on[3] and len(idx):
+            plan["hue"], plan["hue_f"] = idx, factors[idx, 3]
+    for name in ("gray", "blur", "solarize"):
+        idx = p[name].nonzero()[:, 0]
+        if len(idx):
+            plan[name] = idx
+    if "blur" in plan:
+        plan["sigma"] = p["sigma"][plan["blur"]]
+    return plan
+
+
+def render_views(images, idx, plan: dict, aug: Augment) -> torch.Tensor:
+    """The views of images[idx] (uint8 (N, 3, H, W) -> (n, 3, h, w) float, normalised) under aug's recipe with
+    the parameters in plan (_op_subsets' output, on the images' device), in Augment's order."""
+    x = batch_resized_crop(images.index_select(0, idx).float(), plan["box"], aug.size, aug.interpolation,
+                           plan["flip"])
+
+    def on(name, fn, *args):  # fn on the images the op applies to, written back in place
+        if name in plan:
+            x.index_copy_(0, plan[name], fn(x.index_select(0, plan[name]), *args))
+
+    for slot in (0, 1, 2, "hue", 3, 4, 5):  # colour jitter (see _op_subsets)
+        if slot == "hue":
+            on("hue", batch_hue, plan.get("hue_f"))
+        else:
+            key = f"blend{slot}"
+            on(key, batch_blend, plan.get(key + "_f"), plan.get(key + "_mean"), plan.get(key + "_gray"))
+    on("gray", batch_grayscale)
+    on("blur", batch_gaussian_blur, aug.blur_kernel, plan.get("sigma"))
+    on("solarize", batch_solarize, 128)
+    return batch_normalize(x, aug.mean, aug.std)
+
+
+def _ship(host: dict, device: torch.device) -> dict:
+    """Many small CPU tensors (int64 or float32) -> the device in two copies, one per dtype, pinned and
+    non_blocking on CUDA so the host never waits for the GPU (a no-op copy on CPU, same code path)."""
+    out = {}
+    for dtype in (torch.int64, torch.float32):
+        names = [k for k, t in host.items() if t.dtype == dtype]
+        if names:
+            flat = torch.cat([host[k].reshape(-1) for k in names])
+            flat = (flat.pin_memory() if device.type == "cuda" else flat).to(device, non_blocking=True)
+            for k, part in zip(names, flat.split([host[k].numel() for k in names])):
+                out[k] = part.view(host[k].shape)
+    assert len(out) == len(host), "_ship carries int64 and float32 tensors only"
+    return out
+
+
+def _batch_key(aug: Augment) -> tuple:
+    """What one batched render shares; views that agree on it differ only in per-image draws (crop scale and
+    ratio, the probabilities, the blur's sigma range), so they are made together."""
+    return (_hw(aug.size), aug.interpolation, tuple(_jitter_ranges(aug.jitter)), aug.blur_kernel, aug.mean, aug.std)
+
+
+def _view_groups(transform):
+    """A view transform built from Augment -> its views in output order, as groups of consecutive views made in
+    one batch (SimCLR's pair, ExCB's two global crops and its local crops); None for any other transform (it
+    needs the loader path)."""
+    if isinstance(transform, Augment):
+        views = [transform]
+    elif isinstance(transform, MultiView):
+        views = transform.transforms
+    elif isinstance(transform, MultiCrop):
+        views = list(transform.global_views) + [transform.local_view] * transform.n_local
+    else:
+        return None
+    if not views or not all(isinstance(t, Augment) for t in views):
+        return None
+    groups = []
+    for t in views:
+        if groups and _batch_key(groups[-1][0]) == _batch_key(t):
+            groups[-1].append(t)
+        else:
+            groups.append([t])
+    return groups
+
+
+def _step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
+    """The seed of one step's random parameters on one rank (SeedSequence mixes the four into 64 bits)."""
+    return int(np.random.SeedSequence([seed, epoch, step, rank]).generate_state(1, np.uint64)[0])
+
+
+class DeviceLoader:
+    """EpochLoader's interface over a training set held on the training device as uint8 (N, 3, H, W), its views
+    made there in batches (this section's header). The same DistributedSampler permutation (or the given batch
+    sampler) picks each step's images, so ranks take disjoint shards of each epoch as on the loader path. Call
+    set_epoch(e) first; set_epoch(e, start_batch=k) resumes epoch e at its k-th batch with exactly the views an
+    uninterrupted run sees there, since a step's views depend only on (seed, epoch, step, rank). Yields
+    (views, labels): views a list of float (B, 3, h, w) normalised tensors on the device (channels_last on CUDA;
+    one tensor for a bare Augment), labels (B,) long on the device."""
+
+    path = "device"
+
+    def __init__(self, images, labels, transform, batch_size: int, dist: DistInfo, seed: int = 0,
+                 batch_sampler=None, shuffle: bool = True, drop_last: bool = True, skipped_images: int = 0):
+        self.groups = _view_groups(transform)
+        if self.groups is None:
+            raise UsageError("the device path makes views from common.Augment (alone, or in MultiView / MultiCrop) "
+                             f"only, not {type(transform).__name__}; use --data-path loader")
+        for aug in (a for group in self.groups for a in group):
+            if aug.blur_p > 0 and aug.blur_kernel // 2 >= min(_hw(aug.size)):
+                raise UsageError(f"a {aug.blur_kernel}-tap blur cannot reflect-pad a {aug.size} px view; "
+                                 f"lower the blur kernel or the blur probability")
+        self.images, self.labels, self.transform = images, labels, transform
+        self.single, self.seed, self.rank = isinstance(transform, Augment), seed, dist.rank
+        self.skipped_images, self.epoch, self.start = skipped_images, 0, 0
+        if batch_sampler is None:
+            self.sampler = DistributedSampler(range(len(labels)), num_replicas=dist.world_size, rank=dist.rank,
+                                              shuffle=shuffle, seed=seed, drop_last=drop_last)
+            batch_sampler = BatchSampler(self.sampler, batch_size, drop_last=drop_last)
+        else:
+            self.sampler = batch_sampler
+        self.batch_sampler = batch_sampler
+        if len(batch_sampler) == 0:
+            raise UsageError(f"the loader yields no batch: {len(labels)} images per epoch cannot fill a "
+                             f"batch of {batch_size} per rank x {dist.world_size} ranks; lower --batch-size")
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.sampler.set_epoch(epoch)
+        set_epoch = getattr(self.transform, "set_epoch", None)  # MultiCrop's scale schedule
+        if set_epoch is not None:
+            set_epoch(epoch)
+        self.epoch, self.start = epoch, start_batch
+
+    def __len__(self):
+        """Batches in a whole epoch (whatever start_batch is)."""
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        for step, indices in enumerate(self.batch_sampler):
+            if step >= self.start:  # skipped batches cost their indices only
+                yield self.batch(self.epoch, step, indices)
+
+    def batch(self, epoch: int, step: int, indices) -> tuple:
+        """(views, labels) of the images `indices` at (epoch, step) on this rank."""
+        g = torch.Generator().manual_seed(_step_seed(self.seed, epoch, step, self.rank))
+        B, hw = len(indices), tuple(self.images.shape[-2:])
+        host = {"idx": torch.as_tensor(indices, dtype=torch.long)}
+        for i, group in enumerate(self.groups):  # rows: view 1's B images, view 2's, ...
+            plan = _op_subsets(group[0], sample_view_params(group, B, hw, g))
+            host.update({f"{i}/{k}": v for k, v in plan.items()})
+        dev = _ship(host, self.images.device)
+        idx, views = dev["idx"], []
+        for i, group in enumerate(self.groups):
+            plan = {k.split("/", 1)[1]: v for k, v in dev.items() if k.startswith(f"{i}/")}
+            x = render_views(self.images, idx.repeat(len(group)), plan, group[0])       # (V B, 3, h, w)
+            if x.is_cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            views.extend(x.split(B))
+        return (views[0] if self.single else views), self.labels.index_select(0, idx)
+
+
+# --- which path: the device path when the training set fits, the DataLoader otherwise -------------------------
+DEVICE_MAX_SIDE = 96         # px: larger images (ImageNet) keep the DataLoader path
+DEVICE_MAX_BYTES = 8 << 30   # the device path never holds more than 8 GiB of images
+
+
+class _MixedSizes(ValueError):
+    pass
+
+
+def device_budget(device: torch.device) -> int:
+    """Bytes of images the device path may hold: 1/8 of the device's memory (CUDA: the GPU's; CPU: the physical
+    memory, shared by the ranks of this machine), at most DEVICE_MAX_BYTES."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        total //= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return min(total // 8, DEVICE_MAX_BYTES)
+
+
+def _array_images(dataset):
+    """The uint8 (N, 3, H, W) images of torchvision's in-memory datasets and the digits (subset applied), or None
+    for sources read file by file."""
+    src = dataset.source
+    if isinstance(src, _DigitsSource):
+        images = src.images
+    elif isinstance(src, torchvision.datasets.CIFAR10):  # CIFAR-100 too (a subclass)
+        images = torch.from_numpy(src.data).permute(0, 3, 1, 2)
+    elif isinstance(src, torchvision.datasets.STL10):
+        images = torch.from_numpy(src.data)
+    else:
+        return None
+    return images if dataset.indices is None else images[dataset.indices]
+
+
+def _as_tensor_image(image) -> torch.Tensor:
+    return v2.functional.to_image(image).as_subclass(torch.Tensor)  # PIL or tensor -> uint8 (C, H, W)
+
+
+def _why_not_device(dataset, device: torch.device):
+    """build_train_loader's rule: None when the device path can hold the training set, else the reason."""
+    if _view_groups(dataset.transform) is None:
+        return f"the view transform ({type(dataset.transform).__name__}) is not built from common.Augment"
+    if len(dataset) == 0:
+        return "the dataset is empty"
+    images = _array_images(dataset)
+    first = images[0] if images is not None else _as_tensor_image(dataset.load(0)[0])
+    need, budget = len(dataset) * first.numel(), device_budget(device)
+    if first.shape[0] != 3:
+        return f"the images have {first.shape[0]} channels, not 3"
+    if max(first.shape[1:]) > DEVICE_MAX_SIDE:
+        return f"images of {first.shape[2]}x{first.shape[1]} px exceed {DEVICE_MAX_SIDE} px"
+    if need > budget:
+        return (f"{len(dataset):,} images take {need / 2**30:.1f} GiB as uint8, over the device path's "
+                f"{budget / 2**30:.1f} GiB budget on {device}")
+    return None
+
+
+def _all_images(dataset, workers: int):
+    """The training set as (uint8 (N, 3, H, W), labels (N,), files skipped) on the CPU: torchvision's arrays, or
+    every file decoded through dataset.load (subset, --skip-bad-images replacements and their labels included)
+    in `workers` threads. Raises _MixedSizes when the files differ in size."""
+    images = _array_images(dataset)
+    if images is not None:
+        return images.contiguous(), dataset.targets, 0
+    from concurrent.futures import ThreadPoolExecutor
+
+    def decode(i):
+        image, label, skipped = dataset.load(i)
+        return _as_tensor_image(image), label, skipped
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        decoded = pool.map(decode, range(len(dataset)))
+        first, label, skipped = next(decoded)
+        images = torch.empty((len(dataset), *first.shape), dtype=torch.uint8)
+        labels = torch.empty(len(dataset), dtype=torch.long)
+        images[0], labels[0] = first, label
+        for i, (image, label, k) in enumerate(decoded, start=1):
+            if image.shape != first.shape:
+                raise _MixedSizes(f"the images differ in size (image 0 is {tuple(first.shape)}, image {i} "
+                                  f"{tuple(image.shape)}); the DataLoader path crops each on its own")
+            images[i], labels[i], skipped = image, label, skipped + k
+    return images, labels, skipped
+
+
+def build_train_loader(dataset, batch_size: int, dist: DistInfo, data_path: str = "auto", workers: int = 0,
+                       seed: int = 0, batch_sampler=None):
+    """The training loader: DeviceLoader (images on the training device, views made there in batches) or
+    EpochLoader (DataLoader workers, views made image by image). `batch_size` is PER RANK. Both yield the same
+    images per step and take set_epoch(epoch, start_batch).
+
+    data_path: "loader" forces EpochLoader; "device" forces DeviceLoader (a UsageError says why when it cannot
+    be used); "auto" takes the device path when all of these hold, else the loader path:
+      - the view transform is common.Augment, or a MultiView / MultiCrop of them;
+      - the stored images are RGB, at most DEVICE_MAX_SIDE = 96 px a side (ImageNet keeps the DataLoader), and
+        all of one size (checked while decoding file-backed sets);
+      - as uint8, N x 3 x H x W bytes fit the budget (device_budget): 1/8 of the training device's memory (GPU
+        memory on CUDA; physical memory / ranks on this machine on CPU), at most 8 GiB. CIFAR-10 takes 147 MiB.
+    File-backed sets (ImageFolder) are decoded once here, in `workers` threads. Prints one line: which path, why.
+    """
+    if data_path not in ("auto", "device", "loader"):
+        raise UsageError(f"--data-path takes auto, device or loader (got {data_path!r})")
+    t0 = time.perf_counter()
+    why_not = "--data-path loader" if data_path == "loader" else _why_not_device(dataset, dist.device)
+    if why_not is None:
+        try:
+            images, labels, skipped = _all_images(dataset, workers)
+        except _MixedSizes as e:
+            why_not = str(e)
+    if why_not is not None:
+        if data_path == "device":
+            raise UsageError(f"--data-path device is impossible here: {why_not}; use --data-path loader or auto")
+        print0(f"data path: loader (DataLoader, views made image by image in {workers} worker(s)): {why_not}")
+        return EpochLoader(dataset, batch_size, dist, workers, seed=seed, batch_sampler=batch_sampler)
+    loader = DeviceLoader(images.to(dist.device), labels.to(dist.device), dataset.transform, batch_size, dist, seed,
+                          batch_sampler, skipped_images=skipped)
+    print0(f"data path: device ({data_path}): {len(images):,} images of {'x'.join(map(str, images.shape[1:]))} "
+           f"held on {dist.device} as uint8 ({images.numel() / 2**20:.1f} MiB of a "
+           f"{device_budget(dist.device) / 2**30:.1f} GiB budget; ready in {time.perf_counter() - t0:.1f} s), "
+           f"views made there in batches")
+    return loader
 
 
 # ================================================================================================

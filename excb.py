@@ -93,6 +93,8 @@ class Args:
     drop_path: float = _f(0.0, "ViT stochastic depth rate of the STUDENT's last block (block i: i/11 x this; "
                           "teacher 0); official ViT-S/16: 0.1")
     workers: int = _f(8, "data-loading workers per rank")
+    data_path: str = _f("auto", "auto | device | loader: device = images on the training device, views made there in "
+                        "batches; loader = DataLoader workers; auto = device when the set fits (common.py)")
     seed: int = _f(0, "random seed")
     output_dir: str = _f("runs/excb", "run directory: log.jsonl and ckpt_epoch*.pt")
     save_every: int = _f(20, "checkpoint every N epochs (plus the last)")
@@ -466,7 +468,7 @@ def main():
                                  skip_bad=args.skip_bad_images)
     info = dataclasses.replace(info, num_classes=train.num_classes)
     has_labels = bool((train.targets >= 0).all())
-    loader = common.build_loader(train, B, dist, args.workers, seed=args.seed)
+    loader = common.build_train_loader(train, B, dist, args.data_path, args.workers, seed=args.seed)
     steps_per_epoch = len(loader)
     total, warmup = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
 

@@ -87,6 +87,8 @@ class Args:
     drop_path: float = _f(0.0, "ViT stochastic depth rate of the online encoder's last block (linear over "
                           "depth; momentum encoder 0); official ViT code: 0 (its default; its scripts keep it)")
     workers: int = _f(8, "data-loading workers per rank")
+    data_path: str = _f("auto", "auto | device | loader: device = images on the training device, views made there in "
+                        "batches; loader = DataLoader workers; auto = device when the set fits (common.py)")
     seed: int = _f(0, "random seed")
     output_dir: str = _f("runs/resa", "run directory: log.jsonl and ckpt_epoch*.pt")
     save_every: int = _f(50, "checkpoint every N epochs (plus epoch 0 and the last)")
@@ -312,7 +314,7 @@ def main(argv=None):
     dataset = common.build_dataset(args.dataset, "train", build_views(args, info), args.data_dir, args.download,
                                    args.train_subset, args.seed, image_size=info.image_size,
                                    skip_bad=args.skip_bad_images)
-    loader = common.build_loader(dataset, per_rank, dist, workers=args.workers, seed=args.seed)
+    loader = common.build_train_loader(dataset, per_rank, dist, args.data_path, args.workers, seed=args.seed)
 
     # --- online net (encoder, projector, predictor) and momentum net (encoder, projector) ---
     # DEVIATION: common's CIFAR stem (32 px) lacks the official 1-px zero-pad before conv1 (34x34 maps there)

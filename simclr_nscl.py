@@ -90,6 +90,8 @@ class Args:
     backbone: str = _f("resnet50", "resnet50 (official, with --width 2) | resnet18 (fast) | convnet (CPU demo)")
     width: int = _f(2, "ResNet-50 width multiplier (official 2: 4096-d features)")
     workers: int = _f(8, "data-loading workers per rank")
+    data_path: str = _f("auto", "auto | device | loader: device = images on the training device, views made there in "
+                        "batches; loader = DataLoader workers; auto = device when the set fits (common.py)")
     seed: int = _f(123, "seed (official torch seed 123)")
     output_dir: str = _f("runs/simclr_nscl", "RUN_DIR: checkpoints ckpt_epoch{E:04d}.pt and log.jsonl")
     save_every: int = _f(50, "checkpoint period in epochs (plus epoch 0 and the last epoch)")
@@ -328,7 +330,8 @@ def main(argv=None):
     sampler = None
     if args.loss in ("nscl", "supcon"):  # batch/C images per class (+-1 when C does not divide it, as official)
         sampler = common.ClassBalancedBatchSampler(train_set.targets, args.batch_size, dist, seed=args.seed)
-    loader = common.build_loader(train_set, per_rank, dist, args.workers, seed=args.seed, batch_sampler=sampler)
+    loader = common.build_train_loader(train_set, per_rank, dist, args.data_path, args.workers, seed=args.seed,
+                                       batch_sampler=sampler)
     steps_per_epoch, total_steps = len(loader), len(loader) * args.epochs
     common.print0(f"{len(train_set)} images, C = {num_classes}, global batch {args.batch_size} = "
                   f"{dist.world_size} x {per_rank} per rank{' (class-balanced)' if sampler else ''}, "

@@ -12,10 +12,12 @@ import common
 ROOT = Path(__file__).resolve().parents[1]
 # one epoch on a 256-image subset; every script also writes its checkpoint before training (epoch 0)
 TINY = ["--preset", "digits", "--epochs", "1", "--train-subset", "256", "--save-every", "1"]
+# The digits take the device path by default (--data-path auto), as in each script's own test file (test_excb_train,
+# test_resa_run, test_simclr_nscl_e2e); here three scripts run the DataLoader path, so every script runs both.
 METHODS = {
-    "resa": ["resa.py"],
-    "excb": ["excb.py", "--save-epoch0", "--kmeans-samples", "256", "--num-clusters", "16"],
-    "simclr_nscl": ["simclr_nscl.py"],
+    "resa": ["resa.py", "--data-path", "loader"],
+    "excb": ["excb.py", "--save-epoch0", "--kmeans-samples", "256", "--num-clusters", "16", "--data-path", "loader"],
+    "simclr_nscl": ["simclr_nscl.py", "--data-path", "loader"],
     "nscl": ["simclr_nscl.py", "--loss", "nscl"],
 }
 
@@ -36,6 +38,7 @@ def test_pretrain_then_probe_then_monitor(name, tmp_path):
     out = _run([script, *TINY, *extra, "--output-dir", str(run_dir)], tmp_path)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "img/s" in out.stdout and "eta" in out.stdout  # the per-step log line
+    assert ("data path: loader" if "loader" in extra else "data path: device") in out.stdout
     ckpts = common.list_checkpoints(run_dir)
     assert [common.load_checkpoint(p)["epoch"] for p in ckpts] == [0, 1]
     assert (run_dir / "log.jsonl").stat().st_size > 0
