@@ -17,13 +17,14 @@ BATCH=${BATCH:-120}                   # divisible by the 10 classes (NSCL's clas
 STEPS=${STEPS:-12}                    # timed steps per method (one epoch of BATCH * STEPS images)
 LOG=${LOG:-2}                         # steps per log window
 WORKERS=${WORKERS:-2}
+DATA_PATH=${DATA_PATH:-auto}          # auto | device | loader (docs/common.md, "Data on the training device")
 K=${K:-2048}                          # ExCB clusters (the CIFAR preset's)
 PY=${PY:-python3}
 N=$((BATCH * STEPS))
 
 for bb in $BACKBONES; do
     SHARED="--dataset imagefolder --data-dir $DATA --image-size 32 --train-subset $N --backbone $bb --epochs 1
-            --batch-size $BATCH --workers $WORKERS --seed 0 --log-every $LOG --save-every 1"
+            --batch-size $BATCH --workers $WORKERS --seed 0 --log-every $LOG --save-every 1 --data-path $DATA_PATH"
     $PY resa.py --preset cifar10 $SHARED --output-dir "$OUT/$bb/resa"
     # the one-off k-means initialisation is not a per-step cost (and K may exceed N here): random centroids
     $PY excb.py --preset cifar10 $SHARED --num-clusters "$K" --no-kmeans-init --n-local 0 --output-dir "$OUT/$bb/excb"
