@@ -513,9 +513,10 @@ def main():
 
     def checkpoint(epoch, mid_epoch=False):  # every rank calls it (the guard's check is collective)
         guard.check()  # never a checkpoint of a diverged state
+        # mid-epoch: the epoch's Fig. 4 accumulators so far, summed over ranks (rank 0 takes them back on resume)
+        sums = {"counts": common.all_reduce_sum(counts), "sums": common.all_reduce_sum(sums_)} if mid_epoch else None
         if dist.is_main:
             name = common.checkpoint_name(epoch, step if mid_epoch else None)
-            sums = {"counts": counts, "sums": sums_} if mid_epoch else None
             save(Path(args.output_dir) / name, epoch, step, args, info, student, teacher, optimizer, s, prec, sums)
             common.prune_interrupted(args.output_dir, step)
 
@@ -530,8 +531,9 @@ def main():
         loader.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)  # > 0 only after a mid-epoch stop
         counts = torch.zeros(K, train.num_classes if has_labels else 1, device=device)  # Fig. 4(c), (e)
         sums_ = torch.zeros(4, device=device)  # loss, c_avg, a_avg, steps: epoch means without a sync
-        if epoch_sums is not None:  # this epoch's statistics so far, from the mid-epoch checkpoint
-            counts, sums_, epoch_sums = epoch_sums["counts"].to(device), epoch_sums["sums"].to(device), None
+        if epoch_sums is not None and dist.is_main:  # the epoch's statistics so far (all ranks), from the
+            counts, sums_ = epoch_sums["counts"].to(device), epoch_sums["sums"].to(device)  # mid-epoch checkpoint
+        epoch_sums = None
         model.train()
         teacher.train()  # OFFICIAL: the teacher uses batch statistics too
         for views, y in logger.timed(loader):

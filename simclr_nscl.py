@@ -418,9 +418,10 @@ def main(argv=None):
                 logger.step_line(epoch, step, common.all_reduce_mean(loss.detach()), lr, args.batch_size, extra)
             if stop():  # SIGTERM / SIGUSR1 (preemption): every rank leaves after this same step
                 break
-        done, saved = epoch + 1, False  # OFFICIAL cadence: every 10 epochs below 100 (Fig. 2's log scale), then
+        # OFFICIAL cadence: every 10 epochs below 100 (Fig. 2's log-scale x), then every --save-every epochs
+        done, saved = epoch + 1, False
         if step == done * steps_per_epoch and (done % args.save_every == 0 or (done < 100 and done % 10 == 0)
-                                                or done == args.epochs):  # --save-every
+                                                or done == args.epochs):
             save(done)
             saved = True
         if stop.stopping:
