@@ -513,8 +513,10 @@ def main():
 
     def checkpoint(epoch, mid_epoch=False):  # every rank calls it (the guard's check is collective)
         guard.check()  # never a checkpoint of a diverged state
-        # mid-epoch: the epoch's Fig. 4 accumulators so far, summed over ranks (rank 0 takes them back on resume)
-        sums = {"counts": common.all_reduce_sum(counts), "sums": common.all_reduce_sum(sums_)} if mid_epoch else None
+        # stopped inside an epoch: its Fig. 4 accumulators so far, summed over ranks (rank 0 takes them back on
+        # resume); at an epoch boundary they belong to the epoch already logged, so nothing is carried over
+        inside = mid_epoch and step % steps_per_epoch != 0
+        sums = {"counts": common.all_reduce_sum(counts), "sums": common.all_reduce_sum(sums_)} if inside else None
         if dist.is_main:
             name = common.checkpoint_name(epoch, step if mid_epoch else None)
             save(Path(args.output_dir) / name, epoch, step, args, info, student, teacher, optimizer, s, prec, sums)
