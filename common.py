@@ -39,6 +39,8 @@ in epoch 11 (checkpoint_name); a later checkpoint of the resumed run deletes it 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
 import dataclasses
 import functools
 import json
@@ -591,8 +593,10 @@ class Augment:
 
 
 def eval_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, resize: int | None = None):
-    """Un-augmented view: Resize(resize) + CenterCrop(size) when `resize` is given (ImageNet: 256 ->
-    224), else Resize(size) (a no-op at the native size of small datasets)."""
+    """Un-augmented view: Resize(resize) + CenterCrop(size). resize defaults to the ImageNet rule, size x 8/7
+    (256 -> 224) at >= 128 px; below that the image is only resized to `size` (a no-op at the native size of
+    the small datasets)."""
+    resize = resize or (round(size * 8 / 7) if size >= 128 else None)
     ops = [v2.ToImage(), v2.Resize(resize or size, antialias=True)]
     if resize:
         ops.append(v2.CenterCrop(size))
@@ -1823,8 +1827,8 @@ def prune_interrupted(run_dir, step: int) -> None:
 def eval_loader(meta_or_data: dict, split: str, data_dir: str | None = None, batch_size: int = 256,
                 workers: int = 0, subset: int = 0, dataset: str | None = None) -> DataLoader:
     """Un-augmented (x, y) batches of a checkpoint's dataset (or of `dataset`, for transfer), at the
-    checkpoint's image size. Normalisation: the checkpoint's own for its dataset, the target's for
-    transfer. ImageNet-size images get Resize(size * 8/7) + CenterCrop(size) (256 -> 224)."""
+    checkpoint's image size (eval_transform). Normalisation: the checkpoint's own for its dataset, the target's
+    for transfer."""
     data = meta_or_data.get("data", meta_or_data)
     name = dataset or data["dataset"]
     size = int(data["image_size"])
@@ -1833,8 +1837,7 @@ def eval_loader(meta_or_data: dict, split: str, data_dir: str | None = None, bat
     else:
         info = dataset_info(name, size)
         mean, std = info.mean, info.std
-    resize = round(size * 8 / 7) if size >= 128 else None
-    ds = build_dataset(name, split, eval_transform(size, mean, std, resize),
+    ds = build_dataset(name, split, eval_transform(size, mean, std),
                        data_dir if data_dir is not None else data.get("data_dir"), subset=subset,
                        image_size=size if name == "digits" else None)
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
@@ -1862,6 +1865,92 @@ def extract_features(model: nn.Module, loader, device: torch.device | None = Non
     return torch.cat(feats).cpu(), torch.cat(labels).long().cpu()
 
 
+# --- the evaluation scripts' shared pieces: k-NN, thread limits, the run-directory argument, CSV files ---------
+
+
+def knn_predict(train_x, train_y, test_x, k=20, temperature=0.07, metric="cosine", num_classes=None,
+                chunk_elems=2 ** 25):
+    """k-NN class scores for each test row: (M, C) float.
+
+    cosine (DINO, Wu et al. 2018): L2-normalised features, vote of each neighbour = exp(sim / T).
+    euclidean (ReSA CIFAR): raw features, k nearest by L2 distance, one vote each; ties between classes
+    go to the smallest label because argmax returns the first maximum.
+    The test set is processed in chunks so that a chunk of the (M, N) similarity matrix holds at most
+    chunk_elems entries (2^25 floats = 128 MB)."""
+    C = num_classes or int(train_y.max()) + 1
+    if metric == "cosine":
+        train_x, test_x = nn.functional.normalize(train_x, dim=1), nn.functional.normalize(test_x, dim=1)
+    elif metric == "euclidean":
+        train_sq = (train_x * train_x).sum(1)  # (N,)
+    else:
+        raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
+    k, step = min(k, len(train_x)), max(1, chunk_elems // len(train_x))
+    scores = []
+    for s in range(0, len(test_x), step):
+        q = test_x[s:s + step]
+        if metric == "cosine":
+            val, idx = (q @ train_x.T).topk(k, dim=1)  # (m, k) of the (m, N) similarities
+            w = (val / temperature).exp()
+        else:  # ||q - x||^2 = ||q||^2 - 2 q.x + ||x||^2; ||q||^2 does not change the ranking of a row
+            idx = (train_sq[None, :] - 2 * q @ train_x.T).topk(k, dim=1, largest=False).indices
+            w = torch.ones(idx.shape, dtype=q.dtype, device=q.device)
+        votes = torch.zeros(len(q), C, dtype=q.dtype, device=q.device)
+        scores.append(votes.scatter_add_(1, train_y[idx], w))  # (m, C)
+    return torch.cat(scores)
+
+
+def knn_accuracy(train_x, train_y, test_x, test_y, k=20, temperature=0.07, metric="cosine", num_classes=None):
+    """Top-1 k-NN accuracy in percent. Defaults: DINO's weighted 20-NN; ReSA CIFAR: metric="euclidean", k=5."""
+    scores = knn_predict(train_x, train_y, test_x, k, temperature, metric, num_classes)
+    return 100.0 * (scores.argmax(1) == test_y.to(scores.device)).float().mean().item()
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int):
+    """torch's intra-op pool and the BLAS / OpenMP pools scikit-learn uses limited to n threads, restored on exit
+    (tests call the scripts' main() in-process); n <= 0 leaves them. Evaluation takes thousands of small steps
+    (a probe's (1000, 512) x (512, C) matmuls, k-means iterations), where OpenMP barriers on a busy machine cost
+    more than a second core saves: 3.3 ms per linear-probe step on 1 thread, 30+ ms on 2 (2-core VM)."""
+    if n <= 0:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        with threadpool_limits(limits=n):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def path_first(argv, flag: str) -> list:
+    """probe.py / monitor.py take the checkpoint or run directory first, without a flag: [PATH, ...] ->
+    [flag, PATH, ...]."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return [flag] + argv if argv and not argv[0].startswith("-") else argv
+
+
+def run_dir_of(path) -> Path:
+    """A run directory itself, or the directory holding a checkpoint file."""
+    p = Path(path)
+    return p if p.is_dir() else p.parent
+
+
+def write_csv(path, rows, columns) -> Path:
+    """rows (dicts) -> a CSV with exactly `columns` (missing values empty), written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        w.writeheader()
+        w.writerows({c: ("" if r.get(c) is None else r.get(c)) for c in columns} for r in rows)
+    os.replace(tmp, path)
+    return path
+
+
 # ================================================================================================
 # 6. UTILITIES
 # ================================================================================================
@@ -1880,11 +1969,56 @@ def _arg_type(tp):
     return tp, None
 
 
-def parse_args(cls, presets: dict, argv=None):
-    """Dataclass -> command line. Every field becomes --field-name with its default and its
-    metadata["help"]; bools get --x/--no-x. `--preset NAME` is applied first and later flags override it.
-    `--help` lists every preset's values."""
+def _ranged(typ, interval: str):
+    """An argparse type that also checks an interval written as in mathematics: "[1, inf)", "(0, inf)",
+    "[0, 1]". A value outside it (nan and inf included, unless an end is a closed inf) is a usage error."""
+    lo, hi = (float(v) for v in interval[1:-1].split(","))
+
+    def parse(text):
+        v = typ(text)
+        if not ((lo <= v if interval[0] == "[" else lo < v) and (v <= hi if interval[-1] == "]" else v < hi)):
+            raise argparse.ArgumentTypeError(f"{text} is not in {interval}")
+        return v
+    parse.__name__ = typ.__name__  # argparse names the type in its own messages
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are ONE line, `error: argument --lr: ...`, with exit status 2 (argparse's
+    convention; without the usage block, which lists ~50 flags)."""
+
+    def error(self, message):
+        print(f"error: {message} (see python {self.prog} --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def _groups(cls) -> dict:
+    """field name -> the comment heading it stands under in the dataclass source (`# --- views ---`), so --help
+    shows the flags in the groups the Args class is written in."""
+    import inspect
+
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    title, out = None, {}
+    for line in lines[1:]:
+        text = line.strip()
+        if text.startswith("#"):
+            title = text.strip("#- ").split(" (")[0] or title
+        elif ":" in text and text.split(":")[0].isidentifier():
+            out[text.split(":")[0]] = title
+    return out
+
+
+def parse_args(cls, presets: dict, argv=None, usage: str | None = None):
+    """Dataclass -> command line. Every field becomes --field-name with its default and metadata["help"]; bools
+    get --x/--no-x. Validation happens here, before any work: metadata["choices"] (a tuple: argparse's choices,
+    for each element of a tuple field) and metadata["range"] (an interval string, see _ranged). `--preset NAME`
+    is applied first and later flags override it. --help groups the flags by the Args class's comments and
+    lists every preset's values."""
     hints = typing.get_type_hints(cls)
+    prog = Path(sys.argv[0]).name
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default=None)
     known, _ = pre.parse_known_args(argv)
@@ -1893,31 +2027,41 @@ def parse_args(cls, presets: dict, argv=None):
         defaults[f.name] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     if known.preset is not None:
         if known.preset not in presets:
-            sys.exit(f"error: unknown preset {known.preset!r}; choose one of {', '.join(presets)}")
+            _Parser(prog=prog).error(f"argument --preset: unknown preset {known.preset!r}; choose one of "
+                                     f"{', '.join(presets) or '(none: this script has no presets)'}")
         unknown = set(presets[known.preset]) - set(defaults)
         if unknown:
             raise KeyError(f"preset {known.preset!r} sets unknown fields {sorted(unknown)}")
         defaults.update(presets[known.preset])
     epilog = "presets (later flags override them):\n" + "\n".join(
         f"  {name}: " + ", ".join(f"{k}={v}" for k, v in values.items()) for name, values in presets.items())
-    parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0],
-                                     epilog=epilog if presets else None,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n\n")[0]
+    usage = usage or f"python {prog}" + (" [--preset NAME]" if presets else "") + " [--flag VALUE ...]"
+    parser = _Parser(prog=prog, usage=usage, description=doc, epilog=epilog if presets else None,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     if presets:
         parser.add_argument("--preset", choices=list(presets), help="hyperparameter preset (see below)")
+    groups, titles = {}, _groups(cls)
     for f in dataclasses.fields(cls):
         if f.name == "preset":
             continue
+        title = titles.get(f.name)
+        group = parser if title is None else groups.get(title) or groups.setdefault(
+            title, parser.add_argument_group(title))
         flag, help_text = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
         help_text = f"{help_text} (default: {defaults[f.name]})"
         tp = hints[f.name]
         if tp is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=defaults[f.name], help=help_text)
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=defaults[f.name], help=help_text)
             continue
         typ, nargs = _arg_type(tp)
-        parser.add_argument(flag, dest=f.name, type=typ, nargs=nargs, default=defaults[f.name],
-                            help=help_text)
+        if "range" in f.metadata:
+            typ = _ranged(typ, f.metadata["range"])
+        group.add_argument(flag, dest=f.name, type=typ, nargs=nargs, default=defaults[f.name], help=help_text,
+                           choices=f.metadata.get("choices"),
+                           metavar=("{" + ",".join(map(str, f.metadata["choices"])) + "}"
+                                    if "choices" in f.metadata else None))
     ns = vars(parser.parse_args(argv))
     ns.pop("preset", None)
     for f in dataclasses.fields(cls):  # nargs gives lists; keep the dataclass's tuple types

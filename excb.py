@@ -42,8 +42,9 @@ import torch.nn.functional as F
 import common
 
 
-def _f(default, help):
-    return field(default=default, metadata={"help": help})
+def _f(default, help, **check):
+    """A flag: its default, its help, and its checks (choices=(...), range="[1, inf)"; common.parse_args)."""
+    return field(default=default, metadata={"help": help, **check})
 
 
 @dataclass

@@ -534,8 +534,9 @@ def finetune(backbone, train_set, test_loader, num_classes, epochs=50, lr_backbo
 PROBES = ("knn", "linear", "fewshot", "cdnv")
 
 
-def _f(default, help):
-    return field(default=default, metadata={"help": help})
+def _f(default, help, **check):
+    """A flag: its default, its help, and its checks (choices=(...), range="[1, inf)"; common.parse_args)."""
+    return field(default=default, metadata={"help": help, **check})
 
 
 @dataclass
