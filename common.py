@@ -2019,7 +2019,7 @@ def parse_args(cls, presets: dict, argv=None, usage: str | None = None):
     lists every preset's values."""
     hints = typing.get_type_hints(cls)
     prog = Path(sys.argv[0]).name
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # --p must not be read as --preset
     pre.add_argument("--preset", default=None)
     known, _ = pre.parse_known_args(argv)
     defaults = {}
@@ -2038,7 +2038,7 @@ def parse_args(cls, presets: dict, argv=None, usage: str | None = None):
     doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n\n")[0]
     usage = usage or f"python {prog}" + (" [--preset NAME]" if presets else "") + " [--flag VALUE ...]"
     parser = _Parser(prog=prog, usage=usage, description=doc, epilog=epilog if presets else None,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                     allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     if presets:
         parser.add_argument("--preset", choices=list(presets), help="hyperparameter preset (see below)")
     groups, titles = {}, _groups(cls)
