@@ -1844,9 +1844,11 @@ def eval_loader(meta_or_data: dict, split: str, data_dir: str | None = None, bat
                       pin_memory=torch.cuda.is_available())
 
 
-def extract_features(model: nn.Module, loader, device: torch.device | None = None, precision: str = "fp32"):
+def extract_features(model: nn.Module, loader, device: torch.device | None = None, precision: str = "fp32",
+                     what: str = "features"):
     """-> (features float32 (N, D) on CPU, labels long (N,)), in eval mode under inference_mode. Features stay on
-    the device until the end: one transfer, no per-batch sync.
+    the device until the end: one transfer, no per-batch sync. A progress line with an ETA every few seconds
+    (Progress), named by `what`.
 
     float32 by default on every device: rounding features to bf16 (8-bit mantissa) changes exactly what the
     label-free metrics measure (on a rank-16 embedding it moves alpha-ReQ from 0.16 to 2.88 and RankMe from 15.1
@@ -1855,6 +1857,7 @@ def extract_features(model: nn.Module, loader, device: torch.device | None = Non
     device = device or next(model.parameters()).device
     model.eval()
     feats, labels = [], []
+    progress = Progress(what, len(getattr(loader, "dataset", ())) or None, "images")
     with torch.inference_mode(), autocast(device, precision):
         for x, y in loader:
             x = x.to(device, non_blocking=True)
@@ -1862,7 +1865,32 @@ def extract_features(model: nn.Module, loader, device: torch.device | None = Non
                 x = x.contiguous(memory_format=torch.channels_last)
             feats.append(model(x).float())
             labels.append(torch.as_tensor(y))
+            progress.update(len(labels[-1]))
     return torch.cat(feats).cpu(), torch.cat(labels).long().cpu()
+
+
+class Progress:
+    """A console line for a long step (feature extraction, probes, metric sets): at most one every `every`
+    seconds, with the rate and an ETA when the total is known, and nothing at all for a step that ends within
+    the first interval. Host-side counts only: no device sync."""
+
+    def __init__(self, what: str, total: int | None = None, unit: str = "items", every: float = 5.0):
+        self.what, self.total, self.unit, self.every = what, total, unit, every
+        self.done, self.start = 0, time.perf_counter()
+        self.last = self.start
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last < self.every:
+            return
+        self.last, rate = now, self.done / max(now - self.start, 1e-9)
+        line = f"  {self.what}: {self.done:,}"
+        if self.total:
+            eta = int((self.total - self.done) / max(rate, 1e-9))
+            line += (f"/{self.total:,} {self.unit} ({100 * self.done / self.total:.0f} %), "
+                     f"eta {eta // 60}:{eta % 60:02d}")
+        print0(f"{line}, {rate:,.0f} {self.unit}/s")
 
 
 # --- the evaluation scripts' shared pieces: k-NN, thread limits, the run-directory argument, CSV files ---------

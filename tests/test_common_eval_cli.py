@@ -123,3 +123,15 @@ def test_eval_transform_applies_the_imagenet_resize_rule():
     def names(size):
         return [type(t).__name__ for t in common.eval_transform(size).transforms]
     assert "CenterCrop" in names(224) and "CenterCrop" not in names(32)
+
+
+def test_progress_prints_at_most_every_interval_with_an_eta(capsys, monkeypatch):
+    clock = iter([0.0, 1.0, 6.0, 7.0, 12.5])  # start, then one reading per update
+    monkeypatch.setattr(common.time, "perf_counter", lambda: next(clock))
+    p = common.Progress("extract train", total=100, unit="images")
+    for _ in range(4):
+        p.update(10)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2  # at 6 s and 12.5 s, not at 1 s or 7 s
+    assert "20/100 images (20 %)" in lines[0] and "eta 0:24" in lines[0]  # 80 left at 20 / 6 s
+    assert "40/100" in lines[1]
