@@ -149,8 +149,9 @@ class _GatherWithGrad(torch.autograd.Function):
     Forward: x_r (B, ...) on each rank r -> X = cat(x_0, ..., x_{W-1}) (W*B, ...) on every rank.
     Backward: rank r' holds dL_{r'}/dX for its own loss L_{r'}. The gradient of the total loss
     sum_{r'} L_{r'} with respect to x_r is sum_{r'} dL_{r'}/dX[slice r], so we all-reduce (sum) the
-    incoming gradient and return this rank's slice. (Returning only the local slice without the sum, as
-    some official code does, drops the other ranks' contributions.)
+    incoming gradient and return this rank's slice. (The official NSCL GatherLayer returns the local slice
+    without the sum but computes the WHOLE global loss on every process, so nothing is dropped there: after
+    DDP's average its parameter gradient is the right direction scaled by 1/W.)
     With DDP averaging parameter gradients over W ranks, a loss that is the mean over LOCAL anchors
     against GATHERED candidates then has exactly the gradient of the global-batch mean loss.
     """
@@ -740,45 +741,6 @@ def build_loader(dataset, batch_size, dist: DistInfo, workers=0, shuffle=True, d
                  batch_sampler=None) -> EpochLoader:
     """Training loader; `batch_size` is PER RANK (method files derive it from the global --batch-size)."""
     return EpochLoader(dataset, batch_size, dist, workers, shuffle, drop_last, seed, batch_sampler)
-
-
-class ClassBalancedBatchSampler:
-    """Class-balanced global batches, split over ranks (what makes NSCL well defined: every anchor keeps
-    negatives of other classes).
-
-    Per epoch, each class's indices are shuffled (seed + epoch, identical on all ranks), interleaved
-    round-robin over classes and cut into consecutive global batches of `global_batch_size`; each batch
-    then holds global_batch_size / C images of every class (+-1 when C does not divide it). Rank r takes
-    the r-th contiguous chunk of each global batch; a chunk of a round-robin sequence is itself balanced
-    (+-1), so the ranks' slices are disjoint and balanced too. The
-    incomplete last batch is dropped; every other index appears exactly once per epoch.
-    """
-
-    def __init__(self, targets, global_batch_size: int, dist: DistInfo, seed: int = 0):
-        self.targets = torch.as_tensor(np.asarray(targets), dtype=torch.long)
-        if global_batch_size % dist.world_size:
-            raise ValueError(f"batch size {global_batch_size} is not divisible by {dist.world_size} ranks")
-        self.batch, self.dist, self.seed, self.epoch = global_batch_size, dist, seed, 0
-        self.classes = torch.unique(self.targets)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self):
-        return len(self.targets) // self.batch
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        per_class = [torch.nonzero(self.targets == c).flatten() for c in self.classes]
-        per_class = [idx[torch.randperm(len(idx), generator=g)] for idx in per_class]
-        longest = max(len(idx) for idx in per_class)
-        order = []
-        for k in range(longest):  # round-robin: one image of each class that still has one
-            order.extend(int(idx[k]) for idx in per_class if k < len(idx))
-        for b in range(len(self)):
-            per_rank = self.batch // self.dist.world_size
-            start = b * self.batch + self.dist.rank * per_rank
-            yield order[start:start + per_rank]
 
 
 # ================================================================================================

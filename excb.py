@@ -50,64 +50,71 @@ def _f(default, help, **check):
 @dataclass
 class Args:
     # --- method (Sec. 3, Sec. 4.1; official configs/main_config.yaml) ---
-    num_clusters: int = _f(65536, "K, number of centroids (official 65,536; keep it well below the images)")
-    tau_t: float = _f(0.04, "tau_t, teacher temperature, constant (official 0.04, no warm-up)")
-    tau_s: float = _f(0.1, "tau_s, student temperature (official 0.1)")
-    size_momentum: float = _f(0.999, "m_s, EMA momentum of the relative cluster sizes s, per step (Eq. 9)")
+    num_clusters: int = _f(65536, "K centroids (official 65,536; keep K well below the images)", range="[2, inf)")
+    tau_t: float = _f(0.04, "tau_t, teacher temperature, constant (official 0.04, no warm-up)", range="(0, inf)")
+    tau_s: float = _f(0.1, "tau_s, student temperature (official 0.1)", range="(0, inf)")
+    size_momentum: float = _f(0.999, "m_s, per-step EMA momentum of the cluster sizes s (Eq. 9)", range="[0, 1]")
     boost_top: bool = _f(True, "OFFICIAL code-only step: x1.01 on each row's top balanced cosine, clamp [-1,1]")
-    ema_base: float = _f(0.996, "m, teacher EMA momentum at step 0; cosine to 1 at the end, per step")
-    proj_hidden: int = _f(2048, "projector h / predictor g hidden width")
-    proj_dim: int = _f(256, "D, projector and predictor output (centroid) dimension")
-    head_style: str = _f("resnet", "resnet: Linear-BN-ReLU heads; vit: GELU heads without hidden BN (ViT config)")
+    ema_base: float = _f(0.996, "m, teacher EMA momentum at step 0, cosine to 1 over the run, per step",
+                         range="[0, 1]")
+    proj_hidden: int = _f(2048, "projector h / predictor g hidden width", range="[1, inf)")
+    proj_dim: int = _f(256, "D, projector and predictor output (centroid) dimension", range="[1, inf)")
+    head_style: str = _f("resnet", "resnet: Linear-BN-ReLU heads; vit: GELU heads without hidden BN (ViT config)",
+                         choices=("resnet", "vit"))
     kmeans_init: bool = _f(True, "initialise the centroids by spherical k-means on the random teacher (official)")
-    kmeans_samples: int = _f(500_000, "images whose teacher projection feeds the k-means (official 500k)")
-    kmeans_iters: int = _f(50, "k-means iterations per attempt (official 50)")
-    kmeans_tries: int = _f(10, "k-means restarts allowed until no cluster is empty, then a clear error")
-    centroid_wd_factor: float = _f(10.0, "f: centroid weight decay = wd x (1 + (f-1) c(t)), c: cosine 1 -> 0")
+    kmeans_samples: int = _f(500_000, "images whose teacher projection feeds the k-means (official 500k)",
+                             range="[1, inf)")
+    kmeans_iters: int = _f(50, "k-means iterations per attempt (official 50)", range="[1, inf)")
+    kmeans_tries: int = _f(10, "k-means restarts until no cluster is empty, then a clear error", range="[1, inf)")
+    centroid_wd_factor: float = _f(10.0, "f: centroid wd = wd (1 + (f-1) c(t)), c: cosine 1->0", range="[0, inf)")
     # --- views (official data/transforms.py; DINO-style multi-crop) ---
-    n_local: int = _f(6, "L, number of local crops (official 6; 0 = the paper's no-multi-crop setting)")
-    local_size: int = _f(96, "local crop size in pixels (official 96 at 224)")
+    n_local: int = _f(6, "L, local crops (official 6; 0 = the paper's no-multi-crop setting)", range="[0, inf)")
+    local_size: int = _f(96, "local crop size in pixels (official 96 at 224)", range="[1, inf)")
     global_min_scale: tuple[float, float] = _f((0.26, 0.14), "global crops' min scale m(e): cosine per epoch, "
-                                               "first -> second value (official 0.26 -> 0.14)")
-    local_min_scale: float = _f(0.05, "local crop scale range is (this, m(e))")
+                                               "first -> second value (official 0.26 -> 0.14)", range="(0, 1]")
+    local_min_scale: float = _f(0.05, "local crop scale range is (this, m(e))", range="(0, 1]")
     blur_p: tuple[float, float, float] = _f((0.0, 0.9, 0.0), "blur prob. of global 1, global 2, local crops as "
-                                            "the official code APPLIES them (it inverts p); paper: 1.0 0.1 1.0")
-    solarize_p: tuple[float, float] = _f((0.0, 0.2), "solarization prob. of global view 1 and 2 (local: none)")
+                                            "the official code APPLIES them (it inverts p); paper: 1.0 0.1 1.0",
+                                            range="[0, 1]")
+    solarize_p: tuple[float, float] = _f((0.0, 0.2), "solarize p of global views 1, 2 (local: 0)", range="[0, 1]")
     # --- optimisation (Sec. 4.1; official engine/optimizer.py) ---
-    optimizer: str = _f("sgd", "sgd (momentum 0.9) or adamw (ViT)")
-    epochs: int = _f(400, "training epochs")
-    batch_size: int = _f(1024, "GLOBAL batch over all ranks (per-rank = batch_size / world_size)")
-    lr: float = _f(0.6, "peak lr for the GLOBAL batch, absolute (official 0.6 at 1024; paper: 0.15 x batch/256)")
-    final_lr_ratio: float = _f(1e-4, "cosine floor as a fraction of lr (official 1e-4)")
-    warmup_epochs: float = _f(10, "linear lr warm-up from 0, per step")
-    weight_decay: float = _f(1e-4, "weight decay at step 0 on weights (never on biases / norm layers)")
-    wd_end_factor: float = _f(1.0, "weight decay ends at wd x this, cosine (ViT: 10, i.e. 0.04 -> 0.4)")
-    clip_grad: float = _f(0.0, "max global grad norm; 0 = off (official)")
+    optimizer: str = _f("sgd", "sgd (momentum 0.9) or adamw (ViT)", choices=("sgd", "adamw"))
+    epochs: int = _f(400, "training epochs (0: only the --save-epoch0 checkpoint)", range="[0, inf)")
+    batch_size: int = _f(1024, "GLOBAL batch over all ranks (per-rank = batch_size / world_size)", range="[1, inf)")
+    lr: float = _f(0.6, "peak lr for the GLOBAL batch, absolute (official 0.6 at 1024; paper: 0.15 x batch/256)",
+                   range="(0, inf)")
+    final_lr_ratio: float = _f(1e-4, "cosine floor as a fraction of lr (official 1e-4)", range="[0, 1]")
+    warmup_epochs: float = _f(10, "linear lr warm-up from 0, per step", range="[0, inf)")
+    weight_decay: float = _f(1e-4, "weight decay at step 0 on weights (not biases / norm layers)", range="[0, inf)")
+    wd_end_factor: float = _f(1.0, "final wd = wd x this, cosine (ViT: 10, 0.04 -> 0.4)", range="[0, inf)")
+    clip_grad: float = _f(0.0, "max global grad norm; 0 = off (official)", range="[0, inf)")
+    schedule_offset: int = _f(1, "OFFICIAL 1: step t takes the lr and weight decay of t + 1 (engine/optimizer.py "
+                                 "counts before stepping: the first lr is not 0); 0: from t = 0", choices=(0, 1))
     # --- data / system ---
-    dataset: str = _f("imagefolder", "digits | cifar10 | cifar100 | stl10 | imagefolder")
+    dataset: str = _f("imagefolder", "training set", choices=common.DATASETS)
     data_dir: str = _f(None, "dataset root (imagefolder: the folder holding train/)")
     download: bool = _f(False, "download torchvision datasets if missing")
-    image_size: int = _f(224, "global crop size in pixels (also the backbone's resolution)")
-    train_subset: int = _f(0, "class-stratified subset of the train split; 0 = all")
-    backbone: str = _f("resnet50", "resnet18 | resnet50 | vit_small | convnet")
+    image_size: int = _f(224, "global crop size in pixels (also the backbone's resolution)", range="[1, inf)")
+    train_subset: int = _f(0, "class-stratified subset of the train split; 0 = all", range="[0, inf)")
+    backbone: str = _f("resnet50", "encoder f", choices=common.BACKBONES)
     zero_init_residual: bool = _f(True, "zero-init the last BN of each residual block (official R50: yes)")
     drop_path: float = _f(0.0, "ViT stochastic depth rate of the STUDENT's last block (block i: i/11 x this; "
-                          "teacher 0); official ViT-S/16: 0.1")
-    workers: int = _f(8, "data-loading workers per rank")
-    data_path: str = _f("auto", "auto | device | loader: device = images on the training device, views made there in "
-                        "batches; loader = DataLoader workers; auto = device when the set fits (common.py)")
+                          "teacher 0); official ViT-S/16: 0.1", range="[0, 1]")
+    workers: int = _f(8, "data-loading workers per rank", range="[0, inf)")
+    data_path: str = _f("auto", "device: images on the device, views made there in batches; loader: DataLoader "
+                        "workers; auto: device if the set fits (common.py)", choices=("auto", "device", "loader"))
     seed: int = _f(0, "random seed")
     output_dir: str = _f("runs/excb", "run directory: log.jsonl and ckpt_epoch*.pt")
-    save_every: int = _f(20, "checkpoint every N epochs (plus the last)")
+    save_every: int = _f(20, "checkpoint every N epochs (plus the last)", range="[1, inf)")
     save_epoch0: bool = _f(False, "also checkpoint the k-means-initialised network before training (epoch 0)")
     resume: str = _f("", "PATH: continue from that checkpoint (strict: student, teacher, optimizer, s, step); "
                          "auto: the newest in --output-dir, or start fresh (resubmittable after a preemption)")
     skip_bad_images: bool = _f(False, "skip unreadable image files (counted as data/skipped_images) instead of "
                                       "stopping")
-    precision: str = _f("auto", "auto | bf16 | fp16 | fp32: auto = bf16 on GPUs with native bf16, fp16 + "
-                                "GradScaler on older GPUs (official: fp16), fp32 on CPU")
+    precision: str = _f("auto", "auto = bf16 on GPUs with native bf16, fp16 + GradScaler on older GPUs "
+                                "(official: fp16), fp32 on CPU", choices=common.PRECISIONS)
     compile: bool = _f(False, "torch.compile the student and the teacher")
-    log_every: int = _f(50, "log every N steps")
+    log_every: int = _f(50, "log every N steps", range="[1, inf)")
 
 
 PRESETS = {
@@ -129,9 +136,6 @@ PRESETS = {
     "cifar10": dict(dataset="cifar10", image_size=32, backbone="resnet18", epochs=500, batch_size=256,
                     lr=0.15, warmup_epochs=10, weight_decay=1e-4, num_clusters=2048, n_local=6, local_size=16,
                     blur_p=(0.0, 0.0, 0.0), kmeans_samples=50_000, zero_init_residual=False, save_every=50),
-    "cifar100": dict(dataset="cifar100", image_size=32, backbone="resnet18", epochs=500, batch_size=256,
-                     lr=0.15, warmup_epochs=10, weight_decay=1e-4, num_clusters=2048, n_local=6, local_size=16,
-                     blur_p=(0.0, 0.0, 0.0), kmeans_samples=50_000, zero_init_residual=False, save_every=50),
     # Ours: CPU demo of 1-2 minutes (scikit-learn digits at 16 px, tiny convnet, small heads, K = 64). A
     # 110-step run needs short EMA windows: teacher m from 0.95 and m_s = 0.99 (~100 steps) instead of
     # 0.996 / 0.999, which would leave the teacher and s at their initial values.
@@ -140,6 +144,7 @@ PRESETS = {
                    proj_hidden=256, proj_dim=64, ema_base=0.95, size_momentum=0.99, blur_p=(0.0, 0.0, 0.0),
                    kmeans_samples=2000, workers=0, zero_init_residual=False, save_every=5, log_every=10),
 }
+PRESETS["cifar100"] = dict(PRESETS["cifar10"], dataset="cifar100")  # our CIFAR port, on CIFAR-100
 
 
 # ===================================== METHOD: ExCB, paper Sec. 3 =========================================
@@ -227,8 +232,7 @@ def boost_top(z_b, factor=1.01):
 def teacher_targets(z_t, s, tau_t=0.04, boost=True):
     """z_t (G, B, K) -> (p_t, z_b): the balanced similarities and the teacher's soft assignments."""
     z_b = balance(z_t.float(), s)                   # Eq. (4)
-    if boost:
-        z_b = boost_top(z_b)
+    z_b = boost_top(z_b) if boost else z_b
     return F.softmax(z_b / tau_t, dim=-1), z_b      # Eq. (6)
 
 
@@ -255,15 +259,13 @@ def update_cluster_sizes(s, z_b, momentum=0.999):
     OFFICIAL: the hard assignments are the argmax of the balanced (and boosted) teacher output (= argmax of
     p_t, Eq. (8)); called after the loss, so step t is balanced with sizes up to t-1. The batch proportions
     are averaged over ranks (every rank holds the same number of images), so s is a global estimate."""
-    K = s.shape[0]
-    assign = z_b.argmax(-1).flatten()
-    s_B = torch.zeros(K, device=s.device).index_add_(0, assign, torch.ones(len(assign), device=s.device))
-    s_B = common.all_reduce_mean(s_B / len(assign))   # Eq. (8), proportions of the global batch
+    s_B = torch.bincount(z_b.argmax(-1).flatten(), minlength=len(s)).float()  # (K,) hard-assignment counts
+    s_B = common.all_reduce_mean(s_B / s_B.sum())   # Eq. (8), proportions of the global batch
     return momentum * s + (1 - momentum) * s_B        # Eq. (9)
 
 
 def balance(z, s):
-    """B(z; s), Eq. (10), Sec. 3.2 (used by teacher_targets, Eq. (4)): z (..., K) cosine similarities, s (K,) relative cluster sizes -> z_b (..., K).
+    """B(z; s), Eq. (10), Sec. 3.2 (teacher_targets, Eq. (4)): z (..., K) cosines, s (K,) relative sizes -> z_b.
 
     r = sK is a cluster's size relative to the balanced 1/K: r < 1 pulls z toward 1 (r = 0 gives exactly 1),
     r > 1 pushes z toward -1 (r = K, one cluster holding everything, gives (1+z)/K - 1), r = 1 leaves z.
@@ -286,37 +288,6 @@ def ema_update(teacher, student, m):
     torch._foreach_lerp_(t_params, [student_params[n] for n, _ in teacher.named_parameters()], 1.0 - m)
 
 
-@torch.no_grad()
-def spherical_kmeans(x, K, iters=50, tries=10, seed=0, chunk=8192):
-    """Centroid init (OFFICIAL: trainer.init_centroids, utils/misc.distributed_kmeans; Sec. 4.1 does not
-    describe it): x (N_local, D) unit rows on this rank -> (means (K, D), unit centroids (K, D)).
-
-    K random samples start it (ceil(K/W) per rank), then arg-max-cosine assignment and the all-reduced mean,
-    renormalised. The whole run is repeated until no cluster is empty; an impossible K fails clearly."""
-    W, n_local = common.get_world_size(), len(x)
-    n_total = int(common.all_reduce_sum(torch.tensor([float(n_local)], device=x.device)).item())
-    per_rank = math.ceil(K / W)
-    if K >= n_total or per_rank > n_local:
-        raise common.UsageError(f"k-means init: K={K} clusters cannot all be non-empty with {n_total} samples "
-                         f"({n_local} on this rank); use --num-clusters well below the sample count "
-                         f"(or raise --kmeans-samples / --train-subset)")
-    gen = torch.Generator().manual_seed(seed * 1000 + common.get_rank())
-    for attempt in range(tries):
-        C = common.all_gather_nograd(x[torch.randperm(n_local, generator=gen)[:per_rank].to(x.device)])[:K]
-        for _ in range(iters):
-            assign = torch.cat([(xc @ C.T).argmax(1) for xc in x.split(chunk)])       # (N_local,)
-            sums = common.all_reduce_sum(torch.zeros_like(C).index_add_(0, assign, x))  # (K, D)
-            counts = common.all_reduce_sum(torch.zeros(K, device=x.device).index_add_(
-                0, assign, torch.ones(n_local, device=x.device)))                      # (K,)
-            C = torch.where(counts[:, None] > 0, F.normalize(sums, dim=1), C)          # empty: keep old
-        empty = int((counts == 0).sum().item())
-        if empty == 0:  # OFFICIAL: the student gets the raw means, the teacher the unit centroids
-            return sums / counts[:, None], C
-        common.print0(f"k-means attempt {attempt + 1}/{tries}: {empty} of {K} clusters empty, restarting")
-    raise RuntimeError(f"k-means init left {empty} of K={K} clusters empty after {tries} attempts; "
-                       f"lower --num-clusters or raise --kmeans-samples (have {n_total} samples)")
-
-
 # --- training statistics of Fig. 4 (diagnostics, never in the loss; labels only ever reach these) ---
 def teacher_confidence(p_t):
     """c_avg, Eq. (11): mean over images and global views of the teacher's top probability."""
@@ -325,8 +296,7 @@ def teacher_confidence(p_t):
 
 def view_agreement(z_b):
     """a_avg, Eq. (12): fraction of ordered global-view pairs whose teacher argmax agree (G = 2)."""
-    a = z_b.argmax(-1)
-    return (a[0] == a[1]).float().mean()
+    return (z_b[0].argmax(-1) == z_b[1].argmax(-1)).float().mean()
 
 
 def count_assignments(counts, z_b, y):
@@ -363,28 +333,56 @@ def build_views(args, info):
         return common.Augment(size, scale=(args.global_min_scale[0], 1.0), interpolation="bicubic",
                               jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=blur_p,
                               blur_kernel=9, solarize_p=solarize_p, mean=info.mean, std=info.std)
-    g1 = view(args.image_size, args.blur_p[0], args.solarize_p[0])
-    g2 = view(args.image_size, args.blur_p[1], args.solarize_p[1])
+    g = [view(args.image_size, args.blur_p[i], args.solarize_p[i]) for i in (0, 1)]  # global views 1, 2
     local = view(args.local_size, args.blur_p[2], 0.0) if args.n_local else None
     schedule = functools.partial(global_min_scale, epochs=args.epochs, start=args.global_min_scale[0],
                                  end=args.global_min_scale[1])
-    return common.MultiCrop([g1, g2], local, args.n_local, schedule, args.local_min_scale)
+    return common.MultiCrop(g, local, args.n_local, schedule, args.local_min_scale)
 
 
-# ===================================== TRAINING LOOP: plumbing ============================================
+# ===================================== CENTROID INIT: official k-means (not in Sec. 3) ====================
+@torch.no_grad()
+def spherical_kmeans(x, K, iters=50, tries=10, seed=0, chunk=8192):
+    """Centroid init (OFFICIAL: trainer.init_centroids, utils/misc.distributed_kmeans; Sec. 4.1 does not
+    describe it): x (N_local, D) unit rows on this rank -> (means (K, D), unit centroids (K, D)).
+
+    K random samples start it (ceil(K/W) per rank), then arg-max-cosine assignment and the all-reduced mean,
+    renormalised. The whole run is repeated until no cluster is empty; an impossible K fails clearly."""
+    W, n_local = common.get_world_size(), len(x)
+    n_total = int(common.all_reduce_sum(torch.tensor([float(n_local)], device=x.device)).item())
+    per_rank = math.ceil(K / W)
+    if K >= n_total or per_rank > n_local:
+        raise common.UsageError(f"k-means init: K={K} clusters cannot all be non-empty with {n_total} samples "
+                         f"({n_local} on this rank); use --num-clusters well below the sample count "
+                         f"(or raise --kmeans-samples / --train-subset)")
+    gen = torch.Generator().manual_seed(seed * 1000 + common.get_rank())
+    for attempt in range(tries):
+        C = common.all_gather_nograd(x[torch.randperm(n_local, generator=gen)[:per_rank].to(x.device)])[:K]
+        for _ in range(iters):
+            assign = torch.cat([(xc @ C.T).argmax(1) for xc in x.split(chunk)])       # (N_local,)
+            sums = common.all_reduce_sum(torch.zeros_like(C).index_add_(0, assign, x))  # (K, D)
+            counts = common.all_reduce_sum(torch.zeros(K, device=x.device).index_add_(
+                0, assign, torch.ones(n_local, device=x.device)))                      # (K,)
+            C = torch.where(counts[:, None] > 0, F.normalize(sums, dim=1), C)          # empty: keep old
+        empty = int((counts == 0).sum().item())
+        if empty == 0:  # OFFICIAL: the student gets the raw means, the teacher the unit centroids
+            return sums / counts[:, None], C
+        common.print0(f"k-means attempt {attempt + 1}/{tries}: {empty} of {K} clusters empty, restarting")
+    raise RuntimeError(f"k-means init left {empty} of K={K} clusters empty after {tries} attempts; "
+                       f"lower --num-clusters or raise --kmeans-samples (have {n_total} samples)")
+
+
 @torch.no_grad()
 def init_centroids(student, teacher, loader, args, device, prec):
     """k-means init (OFFICIAL trainer.init_centroids): the RANDOM teacher's L2-normalised projections of up
     to --kmeans-samples images, one global view per batch (alternating by batch parity)."""
-    want, feats, seen = math.ceil(args.kmeans_samples / common.get_world_size()), [], 0
+    want, feats = math.ceil(args.kmeans_samples / common.get_world_size()), []
     loader.set_epoch(0)
     for i, (views, _) in enumerate(loader):
-        x = views[i % 2].to(device, non_blocking=True)
         with prec.autocast():
-            u = teacher.projector(teacher.backbone(channels_last(x, device)))
+            u = teacher.projector(teacher.backbone(stack_views(views[i % 2:i % 2 + 1], device)))
         feats.append(F.normalize(u.float(), dim=1))
-        seen += len(x)
-        if seen >= want:
+        if sum(map(len, feats)) >= want:
             break
     x = torch.cat(feats)[:want]
     means, C = spherical_kmeans(x, args.num_clusters, args.kmeans_iters, args.kmeans_tries, args.seed)
@@ -393,10 +391,7 @@ def init_centroids(student, teacher, loader, args, device, prec):
     common.print0(f"k-means init: K={args.num_clusters} centroids from {len(x)} teacher projections per rank")
 
 
-def channels_last(x, device):
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
-
-
+# ===================================== TRAINING LOOP: plumbing ============================================
 def param_groups(student):
     """OFFICIAL engine/optimizer.py: weight decay on conv/linear weights, none on biases and norm layers
     (1-D parameters), and the centroids in their own group with the scheduled decay (Sec. 4.1)."""
@@ -410,10 +405,12 @@ def param_groups(student):
 def schedules(step, total, warmup, args):
     """Pure functions of the global step (resume needs no scheduler state). OFFICIAL: lr warm-up from 0 then
     cosine to lr x 1e-4; wd cosine to wd x wd_end_factor; centroid wd x (1 + 9 c(t)), c: 1 -> 0 (Sec. 4.1:
-    1e-3 -> 1e-4 for ResNet-50); teacher EMA 0.996 -> 1 (Sec. 4.1)."""
-    lr = common.cosine_schedule(step, total, args.lr, args.lr * args.final_lr_ratio, warmup)
-    wd = common.cosine_schedule(step, total, args.weight_decay, args.weight_decay * args.wd_end_factor)
-    wd_centroids = wd * common.cosine_schedule(step, total, args.centroid_wd_factor, 1.0)
+    1e-3 -> 1e-4 for ResNet-50); teacher EMA 0.996 -> 1 (Sec. 4.1). --schedule-offset 1 (official): lr and
+    weight decay of step t are the values at t + 1, so the first lr is lr / warm-up steps; the EMA takes t."""
+    t = step + args.schedule_offset  # OFFICIAL: engine/optimizer.py steps its counter first (lr at 0 is not 0)
+    lr = common.cosine_schedule(t, total, args.lr, args.lr * args.final_lr_ratio, warmup)
+    wd = common.cosine_schedule(t, total, args.weight_decay, args.weight_decay * args.wd_end_factor)
+    wd_centroids = wd * common.cosine_schedule(t, total, args.centroid_wd_factor, 1.0)
     m = common.cosine_schedule(step, total, args.ema_base, 1.0)
     return {"lr": lr, "decay": wd, "no_decay": 0.0, "centroids": wd_centroids, "ema": m}
 
@@ -425,25 +422,7 @@ def stack_views(views, device):
     if not views:
         return None
     x = torch.cat([v.to(device, non_blocking=True) for v in views])
-    return channels_last(x, device)
-
-
-def save(path, epoch, step, args, info, student, teacher, optimizer, s, prec, epoch_sums=None):
-    """Rank 0: common.py's format; the TEACHER backbone is the evaluation encoder (OFFICIAL linear eval).
-    epoch_sums: this epoch's partial Fig. 4 accumulators, stored by a mid-epoch (preemption) checkpoint."""
-    projector = build_heads(student.projector[0].in_features, args.proj_hidden, args.proj_dim,
-                            args.head_style)[0]
-    projector.load_state_dict(teacher.projector.state_dict())  # plain BatchNorm1d even if the teacher has SyncBN
-    heads = {"projector": projector, "normalize_output": True,
-             "centroids": F.normalize(teacher.centroids.weight.detach().float(), dim=1)}
-    train_state = {"student": student.state_dict(), "teacher": teacher.state_dict(),
-                   "optimizer": optimizer.state_dict(), "s": s.detach().cpu(), "scaler": prec.state_dict()}
-    if epoch_sums is not None:
-        train_state["epoch_sums"] = {k: v.detach().cpu() for k, v in epoch_sums.items()}
-    spec = common.backbone_spec(args.backbone, args.image_size, zero_init_residual=args.zero_init_residual)
-    ckpt = common.make_checkpoint("excb", epoch, step, args, spec, teacher.backbone, "teacher", info,
-                                  train_state, heads=heads, precision=prec.name)
-    common.save_checkpoint(path, ckpt)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
 def main():
@@ -455,8 +434,6 @@ def main():
     # DEVIATION: --precision auto is bf16 on GPUs that have it (official: fp16 + GradScaler = --precision fp16);
     # the centroid cosines, balancing and loss run in float32 in every mode
     prec = common.MixedPrecision(args.precision, device)
-    if args.optimizer not in ("sgd", "adamw") or args.head_style not in ("resnet", "vit"):
-        raise common.UsageError("--optimizer takes sgd | adamw and --head-style resnet | vit")
     K, G, L = args.num_clusters, 2, args.n_local
     common.print0(f"ExCB: global batch {args.batch_size} = {dist.world_size} ranks x {B}; K={K}; "
                   f"views 2x{args.image_size}" + (f" + {L}x{args.local_size}" if L else "")
@@ -479,13 +456,14 @@ def main():
     if L and args.local_size % getattr(backbone, "patch_size", 1):  # the ViT takes multiples of its patch
         raise common.UsageError(f"--local-size {args.local_size} is not a multiple of the ViT patch size "
                                 f"{backbone.patch_size}")
-    student = ExCBNet(backbone, feat_dim, K, args.proj_hidden, args.proj_dim, args.head_style).to(device)
-    if device.type == "cuda":
-        student = student.to(memory_format=torch.channels_last)
-    teacher = common.disable_drop_path(copy.deepcopy(student))  # OFFICIAL: the teacher ViT has drop-path 0
+    student = ExCBNet(backbone, feat_dim, K, args.proj_hidden, args.proj_dim, args.head_style).to(
+        device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
+    teacher = common.disable_drop_path(copy.deepcopy(student)).requires_grad_(False)  # OFFICIAL: ViT drop-path 0
     teacher.predictor = None
-    teacher.requires_grad_(False)
     s = torch.full((K,), 1.0 / K, device=device)  # Eq. (9): uniform at the start, so step 0 is unbalanced
+    model = common.ddp_wrap(student, dist)  # SyncBN (CUDA) keeps student's Parameter objects and state keys
+
+    # --- optimizer: weights / biases + norm layers / centroids, each group with its scheduled decay ---
     optimizer = (torch.optim.SGD(param_groups(student), lr=0.0, momentum=0.9) if args.optimizer == "sgd"
                  else torch.optim.AdamW(param_groups(student), lr=0.0, betas=(0.9, 0.999)))
 
@@ -494,9 +472,8 @@ def main():
     ckpt = common.resume_checkpoint(args, "excb")
     if ckpt is not None:
         state = ckpt["train_state"]
-        student.load_state_dict(state["student"])
-        teacher.load_state_dict(state["teacher"])
-        optimizer.load_state_dict(state["optimizer"])
+        for part, key in ((student, "student"), (teacher, "teacher"), (optimizer, "optimizer")):
+            part.load_state_dict(state[key])  # strict: every tensor must fit
         prec.load_state_dict(state.get("scaler", {}))
         s, step = state["s"].to(device), ckpt["step"]
         epoch_sums = state.get("epoch_sums")  # a run stopped mid-epoch: its partial Fig. 4 statistics
@@ -507,41 +484,47 @@ def main():
         teacher.centroids.weight.copy_(student.centroids.weight)
     if dist.distributed and device.type == "cuda":
         teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)  # OFFICIAL: SyncBN teacher
-    model = common.ddp_wrap(student, dist)
-    teacher_fwd = teacher
-    if args.compile:
-        model, teacher_fwd = torch.compile(model), torch.compile(teacher)
-
-    def checkpoint(epoch, mid_epoch=False):  # every rank calls it (the guard's check is collective)
-        guard.check()  # never a checkpoint of a diverged state
-        # stopped inside an epoch: its Fig. 4 accumulators so far, summed over ranks (rank 0 takes them back on
-        # resume); at an epoch boundary they belong to the epoch already logged, so nothing is carried over
-        inside = mid_epoch and step % steps_per_epoch != 0
-        sums = {"counts": common.all_reduce_sum(counts), "sums": common.all_reduce_sum(sums_)} if inside else None
-        if dist.is_main:
-            name = common.checkpoint_name(epoch, step if mid_epoch else None)
-            save(Path(args.output_dir) / name, epoch, step, args, info, student, teacher, optimizer, s, prec, sums)
-            common.prune_interrupted(args.output_dir, step)
+    model, teacher_fwd = (torch.compile(model), torch.compile(teacher)) if args.compile else (model, teacher)
 
     logger = common.RunLogger(args.output_dir, dist, total, start_step=step)
     logger.log({"config": dataclasses.asdict(args), "world_size": dist.world_size, "precision": prec.name})
-    guard = common.DivergenceGuard(device, steps_per_epoch, total,
-                                   lambda t: schedules(t, total, warmup, args)["lr"], args.output_dir)
+    lr_at = lambda t: schedules(t, total, warmup, args)["lr"]  # noqa: E731 (the guard's expected lr)
+    guard = common.DivergenceGuard(device, steps_per_epoch, total, lr_at, args.output_dir)
     stop = common.StopSignal(dist)
+
+    def save(epoch, mid_epoch=False, epoch_sums=None):  # every rank calls it (the guard's check is collective)
+        """Rank 0 writes common.py's format; the TEACHER backbone is the evaluation encoder (OFFICIAL linear
+        eval). epoch_sums: the epoch's Fig. 4 accumulators so far, kept by a checkpoint written inside an epoch.
+        The teacher projector is stored as it is: a SyncBatchNorm is stored as the BatchNorm1d it evaluates as."""
+        guard.check()  # never a checkpoint of a diverged state
+        if not dist.is_main:
+            return
+        heads = {"projector": teacher.projector, "normalize_output": True,
+                 "centroids": F.normalize(teacher.centroids.weight.detach().float(), dim=1)}
+        train_state = {"student": student.state_dict(), "teacher": teacher.state_dict(),
+                       "optimizer": optimizer.state_dict(), "s": s.detach().cpu(), "scaler": prec.state_dict(),
+                       **({"epoch_sums": epoch_sums} if epoch_sums is not None else {})}
+        spec = common.backbone_spec(args.backbone, args.image_size, zero_init_residual=args.zero_init_residual)
+        ckpt = common.make_checkpoint("excb", epoch, step, args, spec, teacher.backbone, "teacher", info,
+                                      train_state, heads=heads, precision=prec.name)
+        common.save_checkpoint(Path(args.output_dir) / common.checkpoint_name(epoch, step if mid_epoch else None),
+                               ckpt)
+        common.prune_interrupted(args.output_dir, step)
+
     if step == 0 and args.save_epoch0:
-        checkpoint(0)
+        save(0)
     for epoch in range(step // steps_per_epoch, args.epochs):
         loader.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)  # > 0 only after a mid-epoch stop
         counts = torch.zeros(K, train.num_classes if has_labels else 1, device=device)  # Fig. 4(c), (e)
-        sums_ = torch.zeros(4, device=device)  # loss, c_avg, a_avg, steps: epoch means without a sync
+        sums = torch.zeros(4, device=device)  # loss, c_avg, a_avg, steps: epoch means without a sync
         if epoch_sums is not None and dist.is_main:  # the epoch's statistics so far (all ranks), from the
-            counts, sums_ = epoch_sums["counts"].to(device), epoch_sums["sums"].to(device)  # mid-epoch checkpoint
+            counts, sums = epoch_sums["counts"].to(device), epoch_sums["sums"].to(device)  # mid-epoch checkpoint
         epoch_sums = None
         model.train()
         teacher.train()  # OFFICIAL: the teacher uses batch statistics too
         for views, y in logger.timed(loader):
             common.seed_step(args.seed, step, dist.rank)
-            sched = schedules(step, total, warmup, args)
+            sched = schedules(step, total, warmup, args)  # pure functions of the global step
             for group in optimizer.param_groups:
                 group["lr"], group["weight_decay"] = sched["lr"], sched[group["name"]]
             x_g, x_l = stack_views(views[:G], device), stack_views(views[G:], device)  # (G*B, ...), (L*B, ...)
@@ -552,29 +535,32 @@ def main():
             p_t, z_b = teacher_targets(z_t, s, args.tau_t, args.boost_top)  # Eq. (4), (6), (10)
             loss = excb_loss(p_t, z_h.view(G, B, K), z_g.view(G + L, B, K), args.tau_s)  # Eq. (7)
             optimizer.zero_grad(set_to_none=True)
-            prec.backward_step(loss, optimizer, student.parameters(), args.clip_grad)
+            prec.scaler.scale(loss).backward()  # the scaler is a no-op outside fp16
+            if args.clip_grad > 0:
+                prec.scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
+                nn.utils.clip_grad_norm_(student.parameters(), args.clip_grad)
+            prec.scaler.step(optimizer)
+            prec.scaler.update()
             ema_update(teacher, student, sched["ema"])             # Sec. 3.1
             s = update_cluster_sizes(s, z_b, args.size_momentum)   # Eq. (8)-(9), after the loss: step t+1 sees it
             with torch.no_grad():
                 c_avg, a_avg = teacher_confidence(p_t), view_agreement(z_b)
                 count_assignments(counts, z_b, y.to(device, non_blocking=True))
-                sums_ += torch.stack([loss.detach(), c_avg, a_avg, torch.ones((), device=device)])
+                sums += torch.stack([loss.detach(), c_avg, a_avg, torch.ones((), device=device)])
             step += 1
             guard.update(loss, step)
             if step % args.log_every == 0 or step == total:
                 guard.check()
-                logger.step_line(epoch, step, loss, sched["lr"], args.batch_size, extra={
-                    "sched/ema": sched["ema"], "sched/wd_centroids": sched["centroids"], "excb/c_avg": c_avg,
-                    "excb/a_avg": a_avg, "excb/s_min": s.min() * K, "excb/s_max": s.max() * K,
-                    "data/skipped_images": loader.skipped_images})
+                logger.step_line(epoch, step, common.all_reduce_mean(loss.detach()), sched["lr"], args.batch_size,
+                                 extra={"sched/ema": sched["ema"], "sched/wd_centroids": sched["centroids"],
+                                        "excb/c_avg": c_avg, "excb/a_avg": a_avg, "excb/s_min": s.min() * K,
+                                        "excb/s_max": s.max() * K, "data/skipped_images": loader.skipped_images})
             if stop():  # SIGTERM / SIGUSR1 (preemption): every rank leaves after this same step
                 break
-        saved = False
-        if step == (epoch + 1) * steps_per_epoch:  # --- epoch statistics (Fig. 4), over all ranks ---
-            loss_m, c_m, a_m, n = (common.all_reduce_sum(sums_) / dist.world_size).tolist()
-            stats = cluster_stats(common.all_reduce_sum(counts))
-            if not has_labels:
-                stats.pop("excb/purity")
+        if done := step == (epoch + 1) * steps_per_epoch:  # the epoch ran to its end: Fig. 4, over all ranks
+            loss_m, c_m, a_m, n = (common.all_reduce_sum(sums) / dist.world_size).tolist()
+            stats = {k: v for k, v in cluster_stats(common.all_reduce_sum(counts)).items()
+                     if has_labels or k != "excb/purity"}
             logger.log({"epoch": epoch + 1, "step": step, "epoch/loss": loss_m / n, "excb/c_avg_epoch": c_m / n,
                         "excb/a_avg_epoch": a_m / n, "sched/global_min_scale": global_min_scale(
                             epoch, args.epochs, *args.global_min_scale), **stats})
@@ -582,17 +568,18 @@ def main():
                           f"a_avg {a_m / n:.3f} size min/max {stats['excb/size_min']:.2f}/"
                           f"{stats['excb/size_max']:.2f} empty {int(stats['excb/empty_clusters'])}"
                           + (f" purity {stats['excb/purity']:.3f}" if has_labels else ""))
-            if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
-                checkpoint(epoch + 1)
-                saved = True
+        # the one exit path: at the epoch's end a checkpoint if due; on a stop signal a mid-epoch one (unless
+        # just written) with the epoch's statistics so far, summed over ranks; then leave
+        due = done and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs)
+        if due or stop.stopping:
+            partial = None if done else {"counts": common.all_reduce_sum(counts).cpu(),
+                                         "sums": common.all_reduce_sum(sums).cpu()}
+            save(epoch + 1 if due else step // steps_per_epoch, mid_epoch=not due, epoch_sums=partial)
         if stop.stopping:
-            if not saved:
-                checkpoint(step // steps_per_epoch, mid_epoch=True)
             common.print0(f"stopped by a signal after step {step}; rerun the same command with --resume auto")
             break
     stop.close()
     common.cleanup_distributed()
-
 
 if __name__ == "__main__":
     common.run(main)

@@ -34,7 +34,6 @@ momentum-encoder k-NN, DINO cosine k=20, at initialisation -> end; details in do
 """
 import copy
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -52,55 +51,65 @@ def _f(default, help, **check):
 @dataclass
 class Args:
     # --- method (App. B; the paper says these need no tuning) ---
-    temperature: float = _f(0.4, "tau, softmax temperature of the embedding similarities in the loss")
-    sk_eps: float = _f(0.05, "epsilon, Sinkhorn-Knopp entropic temperature on the encoder cosine similarities")
-    sk_iters: int = _f(3, "Sinkhorn-Knopp iterations")
-    ema_base: float = _f(0.996, "momentum-encoder EMA coefficient at step 0; cosine to 1 at the end, per step")
+    temperature: float = _f(0.4, "tau, softmax temperature of the embedding similarities in the loss",
+                            range="(0, inf)")
+    sk_eps: float = _f(0.05, "epsilon, Sinkhorn-Knopp entropic temperature on the encoder cosine similarities",
+                       range="(0, inf)")
+    sk_iters: int = _f(3, "Sinkhorn-Knopp iterations", range="[1, inf)")
+    ema_base: float = _f(0.996, "momentum-encoder EMA coefficient at step 0; cosine to 1 at the end, per step",
+                         range="[0, 1]")
     two_sided: bool = _f(False, "paper Eq. (3): add the column cross-entropy (A^T); default = final official code")
-    proj_hidden: int = _f(2048, "projector hidden width")
-    emb_dim: int = _f(512, "embedding dimension (projector output)")
+    proj_hidden: int = _f(2048, "projector hidden width", range="[1, inf)")
+    emb_dim: int = _f(512, "embedding dimension (projector output)", range="[1, inf)")
     predictor: bool = _f(False, "online-only predictor MLP (official ImageNet code: on; CIFAR code: none)")
-    head_style: str = _f("resnet", "resnet: Linear-BN-ReLU heads; vit: GELU heads without BN (deleted ViT code)")
+    head_style: str = _f("resnet", "resnet: Linear-BN-ReLU heads; vit: GELU heads without BN (deleted ViT code)",
+                         choices=("resnet", "vit"))
     # --- views (view 0 weak, view 1 strong, then optional extra strong crops) ---
-    crop_min_scale: float = _f(0.2, "RandomResizedCrop lower scale of views 0 and 1 (official 0.2)")
-    blur_p: float = _f(0.0, "Gaussian-blur probability of the strong view (0 at 32 px, 0.5 at 224 px)")
-    solarize_p: float = _f(0.2, "solarization probability of the strong view")
-    extra_crops: int = _f(0, "extra small strong crops (online branch only); 0 = the paper's 2 views")
-    extra_crop_size: int = _f(96, "pixel size of the extra crops")
-    extra_crop_scale: tuple[float, float] = _f((0.05, 0.14), "RandomResizedCrop scale range of the extra crops")
+    crop_min_scale: float = _f(0.2, "RandomResizedCrop lower scale of views 0 and 1 (official 0.2)", range="(0, 1]")
+    blur_p: float = _f(0.0, "Gaussian-blur probability of the strong view (0 at 32 px, 0.5 at 224 px)",
+                       range="[0, 1]")
+    solarize_p: float = _f(0.2, "solarization probability of the strong view", range="[0, 1]")
+    extra_crops: int = _f(0, "extra small strong crops (online branch only); 0 = the paper's 2 views",
+                          range="[0, inf)")
+    extra_crop_size: int = _f(96, "pixel size of the extra crops", range="[1, inf)")
+    extra_crop_scale: tuple[float, float] = _f((0.05, 0.14), "RandomResizedCrop scale range of the extra crops",
+                                               range="(0, 1]")
     # --- optimisation (paper Table 8) ---
-    optimizer: str = _f("sgd", "sgd (momentum 0.9) or adamw")
-    epochs: int = _f(1000, "training epochs")
-    batch_size: int = _f(256, "GLOBAL batch over all ranks (per-rank = batch_size / world_size)")
-    lr: float = _f(0.3, "base learning rate per 256 images; actual lr = lr * batch_size / 256")
-    final_lr_ratio: float = _f(0.1, "cosine floor as a fraction of lr (official SGD: 0.1, not 0)")
-    weight_decay: float = _f(1e-4, "weight decay on ALL parameters, BN and biases included (official)")
-    warmup_epochs: float = _f(2, "linear lr warm-up from 0, per step")
+    optimizer: str = _f("sgd", "sgd (momentum 0.9) or adamw", choices=("sgd", "adamw"))
+    epochs: int = _f(1000, "training epochs (0: only the initial checkpoint)", range="[0, inf)")
+    batch_size: int = _f(256, "GLOBAL batch over all ranks (per-rank = batch_size / world_size)", range="[1, inf)")
+    lr: float = _f(0.3, "base learning rate per 256 images; actual lr = lr * batch_size / 256", range="(0, inf)")
+    final_lr_ratio: float = _f(0.1, "cosine floor as a fraction of lr (official SGD: 0.1, not 0)", range="[0, 1]")
+    weight_decay: float = _f(1e-4, "weight decay on ALL parameters, BN and biases included (official)",
+                             range="[0, inf)")
+    warmup_epochs: float = _f(2, "linear lr warm-up from 0, per step", range="[0, inf)")
     # --- data / system ---
     preset: str = _f("", "hyperparameter preset, applied first (see the list below)")
-    dataset: str = _f("cifar10", "digits | cifar10 | cifar100 | stl10 | imagefolder")
+    dataset: str = _f("cifar10", "training set", choices=common.DATASETS)
     data_dir: str | None = _f(None, "dataset root (imagefolder: the folder holding train/)")
     download: bool = _f(False, "download torchvision datasets if missing")
-    image_size: int = _f(0, "training resolution; 0 = the dataset's native size")
-    train_subset: int = _f(0, "class-stratified subset of the train split; 0 = all")
-    backbone: str = _f("resnet18", "resnet18 | resnet50 | vit_small | convnet")
+    image_size: int = _f(0, "training resolution; 0 = the dataset's native size", range="[0, inf)")
+    train_subset: int = _f(0, "class-stratified subset of the train split; 0 = all", range="[0, inf)")
+    backbone: str = _f("resnet18", "encoder f", choices=common.BACKBONES)
     zero_init_residual: bool = _f(False, "zero-init the last BN of each residual block (official: not for R18)")
     drop_path: float = _f(0.0, "ViT stochastic depth rate of the online encoder's last block (linear over "
-                          "depth; momentum encoder 0); official ViT code: 0 (its default; its scripts keep it)")
-    workers: int = _f(8, "data-loading workers per rank")
-    data_path: str = _f("auto", "auto | device | loader: device = images on the training device, views made there in "
-                        "batches; loader = DataLoader workers; auto = device when the set fits (common.py)")
+                          "depth; momentum encoder 0); official ViT code: 0 (its default; its scripts keep it)",
+                          range="[0, 1]")
+    workers: int = _f(8, "data-loading workers per rank", range="[0, inf)")
+    data_path: str = _f("auto", "device = images on the training device, views made there in batches; loader = "
+                        "DataLoader workers; auto = device when the set fits (common.py)",
+                        choices=("auto", "device", "loader"))
     seed: int = _f(0, "random seed")
     output_dir: str = _f("runs/resa", "run directory: log.jsonl and ckpt_epoch*.pt")
-    save_every: int = _f(50, "checkpoint every N epochs (plus epoch 0 and the last)")
+    save_every: int = _f(50, "checkpoint every N epochs (plus epoch 0 and the last)", range="[1, inf)")
     resume: str = _f("", "PATH: continue from that checkpoint (strict: model, momentum, optimizer, step); auto: "
                          "the newest in --output-dir, or start fresh (resubmittable after a preemption)")
     skip_bad_images: bool = _f(False, "skip unreadable image files (counted as data/skipped_images) instead of "
                                       "stopping")
-    precision: str = _f("auto", "auto | bf16 | fp16 | fp32: auto = bf16 on GPUs with native bf16, fp16 + "
-                                "GradScaler on older GPUs, fp32 on CPU; Sinkhorn and the loss stay float32")
+    precision: str = _f("auto", "auto = bf16 on GPUs with native bf16, fp16 + GradScaler on older GPUs, fp32 on "
+                                "CPU; Sinkhorn and the loss stay float32", choices=common.PRECISIONS)
     compile: bool = _f(False, "torch.compile the online and momentum networks")
-    log_every: int = _f(50, "log every N steps")
+    log_every: int = _f(50, "log every N steps", range="[1, inf)")
 
 
 PRESETS = {
@@ -186,11 +195,6 @@ class ReSANet(nn.Module):
         H = [self.encoder(x) for x in views]                                   # V x (B, D)
         Z = [F.normalize(self.predictor(self.projector(h)), dim=1) for h in H]  # V x (B, E)
         return H, Z
-
-
-def ema_momentum(step, total_steps, base=0.996):
-    """App. B: m goes from `base` to 1 on a half cosine, per step, no warm-up (OFFICIAL: src/utils.py)."""
-    return 1.0 - (1.0 - base) * (math.cos(math.pi * step / total_steps) + 1.0) / 2.0
 
 
 @torch.no_grad()
@@ -345,10 +349,9 @@ def main(argv=None):
 
     # --- optimizer: ONE group; OFFICIAL: weight decay on every parameter, BN and biases included ---
     lr = args.lr * args.batch_size / 256  # linear scaling rule (official main.py)
-    if args.optimizer == "sgd":
-        opt = torch.optim.SGD(online.parameters(), lr=lr, momentum=0.9, weight_decay=args.weight_decay)
-    else:
-        opt = torch.optim.AdamW(online.parameters(), lr=lr, weight_decay=args.weight_decay)
+    opt = (torch.optim.SGD(online.parameters(), lr=lr, momentum=0.9, weight_decay=args.weight_decay)
+           if args.optimizer == "sgd" else
+           torch.optim.AdamW(online.parameters(), lr=lr, weight_decay=args.weight_decay))
 
     # --- schedules: pure functions of the global step (resume needs no scheduler state) ---
     steps_per_epoch = len(loader)
@@ -358,6 +361,9 @@ def main(argv=None):
     # official linspace reaches lr one step before the end of the warm-up; here at its end.
     def lr_at(step):
         return common.cosine_schedule(step, total_steps, lr, args.final_lr_ratio * lr, warmup_steps)
+
+    def ema_at(step):  # App. B: m from ema_base to 1 on a half cosine, per step, no warm-up (OFFICIAL utils.py)
+        return common.cosine_schedule(step, total_steps, args.ema_base, 1.0)
 
     common.print0(f"{len(dataset)} images, {steps_per_epoch} steps/epoch, {total_steps} steps, lr {lr:.4g}")
 
@@ -375,44 +381,40 @@ def main(argv=None):
         prec.load_state_dict(state.get("scaler", {}))
         step = ckpt["step"]
         common.print0(f"resumed at epoch {step // steps_per_epoch}, step {step}")
-    momentum_fwd = momentum
-    if args.compile:
-        model, momentum_fwd = torch.compile(model), torch.compile(momentum)
-
-    def save(epoch, step, mid_epoch=False):  # every rank calls it (the guard's check is collective)
-        guard.check()  # never a checkpoint of a diverged state
-        if not dist.is_main:
-            return
-        state = {"online": online.state_dict(), "momentum": momentum.state_dict(), "optimizer": opt.state_dict(),
-                 "scaler": prec.state_dict(), "steps_per_epoch": steps_per_epoch}
-        head = build_projector(feat_dim, args.proj_hidden, args.emb_dim, args.head_style)  # plain BN, not SyncBN
-        head.load_state_dict(momentum.projector.state_dict())
-        ckpt = common.make_checkpoint(  # evaluation uses the MOMENTUM encoder and projector (official)
-            "resa", epoch, step, args, spec, momentum.encoder, "momentum", info, state,
-            heads={"projector": head, "normalize_output": True}, precision=prec.name)
-        common.save_checkpoint(f"{args.output_dir}/{common.checkpoint_name(epoch, step if mid_epoch else None)}",
-                               ckpt)
-        common.prune_interrupted(args.output_dir, step)
+    model, momentum_fwd = (torch.compile(model), torch.compile(momentum)) if args.compile else (model, momentum)
 
     logger = common.RunLogger(args.output_dir, dist, total_steps, start_step=step)
     logger.log({"config": dataclasses.asdict(args), "world_size": dist.world_size, "precision": prec.name})
     guard = common.DivergenceGuard(device, steps_per_epoch, total_steps, lr_at, args.output_dir)
     stop = common.StopSignal(dist)
+
+    def save(epoch, mid_epoch=False):  # every rank calls it (the guard's check is collective)
+        guard.check()  # never a checkpoint of a diverged state
+        if not dist.is_main:
+            return
+        state = {"online": online.state_dict(), "momentum": momentum.state_dict(), "optimizer": opt.state_dict(),
+                 "scaler": prec.state_dict(), "steps_per_epoch": steps_per_epoch}
+        # evaluation uses the MOMENTUM encoder and projector (official); a SyncBatchNorm is stored as the
+        # BatchNorm1d it evaluates as (same state keys)
+        ckpt = common.make_checkpoint("resa", epoch, step, args, spec, momentum.encoder, "momentum", info, state,
+                                      heads={"projector": momentum.projector, "normalize_output": True},
+                                      precision=prec.name)
+        common.save_checkpoint(f"{args.output_dir}/{common.checkpoint_name(epoch, step if mid_epoch else None)}",
+                               ckpt)
+        common.prune_interrupted(args.output_dir, step)
+
     if step == 0:
-        save(0, 0)
+        save(0)
     for epoch in range(step // steps_per_epoch, args.epochs):
-        start = step - epoch * steps_per_epoch  # > 0 only when resuming a run stopped mid-epoch
-        loader.set_epoch(epoch, start_batch=start)
+        loader.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)  # > 0 only after a mid-epoch stop
         model.train()
         momentum.train()  # OFFICIAL: the momentum net uses batch statistics too
-        for i, (views, _) in enumerate(logger.timed(loader), start=start):
-            step = epoch * steps_per_epoch + i
+        for views, _ in logger.timed(loader):
             common.seed_step(args.seed, step, dist.rank)
-            lr_t, m = lr_at(step), ema_momentum(step, total_steps, args.ema_base)
+            lr_t, m = lr_at(step), ema_at(step)
             for group in opt.param_groups:
                 group["lr"] = lr_t
             views = [x.to(device, non_blocking=True, memory_format=fmt) for x in views]
-
             with prec.autocast():
                 H, Z = model(views)                                                # online: every view
             ema_update_(*ema_pairs, m)  # OFFICIAL: after the online pass, before momentum pass and step
@@ -422,10 +424,11 @@ def main(argv=None):
             Z_bar = [common.all_gather_nograd(z.float()) for z in Z_bar]          # 2 x (N, E)
             loss = resa_loss(Z, Z_bar, A, args.temperature, args.two_sided)       # Eq. (3), float32
             opt.zero_grad(set_to_none=True)
-            prec.backward_step(loss, opt)
+            prec.scaler.scale(loss).backward()  # the scaler is a no-op outside fp16; no clipping (official)
+            prec.scaler.step(opt)
+            prec.scaler.update()
             step += 1  # steps completed
             guard.update(loss, step)
-
             if step % args.log_every == 0 or step == total_steps:
                 guard.check()
                 logger.step_line(epoch, step, common.all_reduce_mean(loss.detach()), lr_t, args.batch_size,
@@ -433,18 +436,17 @@ def main(argv=None):
                                         "data/skipped_images": loader.skipped_images})
             if stop():  # SIGTERM / SIGUSR1 (preemption): every rank leaves after this same step
                 break
-        saved = False
-        if step == (epoch + 1) * steps_per_epoch and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
-            save(epoch + 1, step)
-            saved = True
+        # the one exit path: at the epoch's end a checkpoint if due; on a stop signal a mid-epoch one (unless
+        # just written); then leave
+        due = step == (epoch + 1) * steps_per_epoch and ((epoch + 1) % args.save_every == 0
+                                                          or epoch + 1 == args.epochs)
+        if due or stop.stopping:
+            save(epoch + 1 if due else step // steps_per_epoch, mid_epoch=not due)
         if stop.stopping:
-            if not saved:
-                save(step // steps_per_epoch, step, mid_epoch=True)
             common.print0(f"stopped by a signal after step {step}; rerun the same command with --resume auto")
             break
     stop.close()
     common.cleanup_distributed()
-
 
 if __name__ == "__main__":
     common.run(main)

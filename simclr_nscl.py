@@ -24,7 +24,7 @@ Commands (from the repository root):
     python probe.py runs/c10_ntxent --features projector                           # NSCL's few-shot probes on z
 --batch-size is the global batch: the same run on 1, 2 or 8 GPUs (the per-rank batch is printed).
 Expected time (unmeasured): ResNet-50x2 at 32 px costs 62 GFLOPs per image (2 views, forward + backward), so
-the cifar10 preset (2500 epochs) is 7.8e18 FLOPs: ~5 h on one H100 at 40 % of bf16 peak (estimate).
+the cifar10 preset (2501 epochs) is 7.8e18 FLOPs: ~5 h on one H100 at 40 % of bf16 peak (estimate).
 
 Measured (CPU, 2 cores shared with ~5 other jobs, torch 2.14.1, seed 123; details in docs/simclr_nscl.md):
     digits preset (5 epochs, 155 s CPU): k-NN (cos, k=20) 86.9 -> 94.4 %; train gap 0.105 -> 0.162 (bound 0.599).
@@ -32,7 +32,6 @@ Measured (CPU, 2 cores shared with ~5 other jobs, torch 2.14.1, seed 123; detail
     GPU presets: unmeasured (no GPU in this session).
 """
 import argparse
-import csv
 import math
 import sys
 import time
@@ -57,63 +56,72 @@ def _f(default, help, **check):
 class Args:
     # method
     loss: str = _f("ntxent", "ntxent (SimCLR, official 'DCL' runs) | dcl (decoupled NT-Xent, the paper's L_DCL) | "
-                             "nscl (negatives-only supervised, official 'SCL' runs) | supcon (Khosla L_out)")
-    temperature: float = _f(0.5, "tau: 0.5 on CIFAR, 0.1 on mini-ImageNet (official configs)")
-    proj_hidden: int = _f(2048, "projector hidden width (official 2048)")
-    proj_dim: int = _f(64, "projector output d: 64 CIFAR-10, 128 CIFAR-100 / mini-ImageNet")
+                             "nscl (negatives-only supervised, official 'SCL' runs) | supcon (Khosla L_out)",
+                   choices=("ntxent", "dcl", "nscl", "supcon"))
+    temperature: float = _f(0.5, "tau: 0.5 on CIFAR, 0.1 on mini-ImageNet (official configs)", range="(0, inf)")
+    proj_hidden: int = _f(2048, "projector hidden width (official 2048)", range="[1, inf)")
+    proj_dim: int = _f(64, "projector output d: 64 CIFAR-10, 128 CIFAR-100 / mini-ImageNet", range="[1, inf)")
     # views (official utils/augmentations.py, CIFAR recipe)
-    crop_scale: tuple[float, float] = _f((0.08, 1.0), "RandomResizedCrop scale range")
+    crop_scale: tuple[float, float] = _f((0.08, 1.0), "RandomResizedCrop scale range", range="(0, 1]")
     jitter: tuple[float, float, float, float] = _f((0.4, 0.4, 0.4, 0.1), "colour jitter: brightness, contrast, "
-                                                                         "saturation, hue")
-    jitter_p: float = _f(0.8, "probability of colour jitter (mini-ImageNet: 1.0, always applied)")
-    gray_p: float = _f(0.2, "probability of grayscale")
-    blur_p: float = _f(0.0, "probability of Gaussian blur (CIFAR: none; mini-ImageNet: 0.1)")
-    blur_sigma: tuple[float, float] = _f((0.1, 2.0), "blur sigma range (mini-ImageNet: fixed 1.5)")
-    blur_kernel: int = _f(0, "blur kernel size in px, 0 = common.Augment's default (mini-ImageNet: 3)")
+                                                                         "saturation, hue", range="[0, inf)")
+    jitter_p: float = _f(0.8, "probability of colour jitter (mini-ImageNet: 1.0, always applied)", range="[0, 1]")
+    gray_p: float = _f(0.2, "probability of grayscale", range="[0, 1]")
+    blur_p: float = _f(0.0, "probability of Gaussian blur (CIFAR: none; mini-ImageNet: 0.1)", range="[0, 1]")
+    blur_sigma: tuple[float, float] = _f((0.1, 2.0), "blur sigma range (mini-ImageNet: fixed 1.5)",
+                                         range="(0, inf)")
+    blur_kernel: int = _f(0, "blur kernel size in px, 0 = common.Augment's default (mini-ImageNet: 3)",
+                          range="[0, inf)")
     # optimisation (official LARS port of SimCLR-TF; utils/optimizer.py)
-    epochs: int = _f(2500, "training epochs (official configs: 2500)")
-    batch_size: int = _f(512, "GLOBAL batch over all ranks (CIFAR-10 512, CIFAR-100 1024, mini-ImageNet 896)")
-    lr: float = _f(0.3, "base LR per 256 images: lr = 0.3 x batch/256 (see DEVIATION 1 for the official x2)")
-    warmup_epochs: int = _f(10, "linear warm-up, multiplied into the cosine (official 10)")
+    epochs: int = _f(2501, "training epochs (official CIFAR-10 config: 2501; 0: only epoch 0's checkpoint)",
+                     range="[0, inf)")
+    batch_size: int = _f(512, "GLOBAL batch over all ranks (CIFAR-10 512, CIFAR-100 1024, mini-ImageNet 896)",
+                         range="[1, inf)")
+    lr: float = _f(0.3, "base LR per 256 images: lr = 0.3 x batch/256 (see DEVIATION 1 for the official x2)",
+                   range="(0, inf)")
+    warmup_epochs: int = _f(10, "linear warm-up, multiplied into the cosine (official 10)", range="[0, inf)")
     lr_per_step: bool = _f(False, "evaluate the LR factor at fractional epochs (default: per epoch, official)")
-    momentum: float = _f(0.9, "LARS momentum (classic: the LR is inside the buffer)")
-    weight_decay: float = _f(1e-6, "LARS weight decay (not on biases / BatchNorm)")
-    trust_coef: float = _f(1e-3, "LARS trust coefficient eta")
-    clip_grad: float = _f(1.0, "gradient-norm clipping (official 1.0; 0 = off)")
+    momentum: float = _f(0.9, "LARS momentum (classic: the LR is inside the buffer)", range="[0, 1]")
+    weight_decay: float = _f(1e-6, "LARS weight decay (not on biases / BatchNorm)", range="[0, inf)")
+    trust_coef: float = _f(1e-3, "LARS trust coefficient eta", range="(0, inf)")
+    clip_grad: float = _f(1.0, "gradient-norm clipping (official 1.0; 0 = off)", range="[0, inf)")
     lars_official_bug: bool = _f(False, "replicate the official LARS port: decay + adapt every parameter, "
                                         "zero-norm parameters (BN shifts) frozen forever")
     # data / system
-    dataset: str = _f("cifar10", "digits | cifar10 | cifar100 | stl10 | imagefolder")
+    dataset: str = _f("cifar10", "training set", choices=common.DATASETS)
     data_dir: str = _f("data", "dataset root")
     download: bool = _f(False, "download torchvision datasets")
-    image_size: int = _f(32, "input resolution in px (CIFAR stem when <= 64)")
-    train_subset: int = _f(0, "class-stratified training subset size, 0 = all")
-    backbone: str = _f("resnet50", "resnet50 (official, with --width 2) | resnet18 (fast) | convnet (CPU demo)")
-    width: int = _f(2, "ResNet-50 width multiplier (official 2: 4096-d features)")
-    workers: int = _f(8, "data-loading workers per rank")
-    data_path: str = _f("auto", "auto | device | loader: device = images on the training device, views made there in "
-                        "batches; loader = DataLoader workers; auto = device when the set fits (common.py)")
+    image_size: int = _f(32, "input resolution in px (CIFAR stem when <= 64)", range="[1, inf)")
+    train_subset: int = _f(0, "class-stratified training subset size, 0 = all", range="[0, inf)")
+    backbone: str = _f("resnet50", "resnet50 (official, with --width 2) | resnet18 (fast) | convnet (CPU demo)",
+                       choices=common.BACKBONES)
+    width: int = _f(2, "ResNet-50 width multiplier (official 2: 4096-d features)", range="[1, inf)")
+    workers: int = _f(8, "data-loading workers per rank", range="[0, inf)")
+    data_path: str = _f("auto", "device = images on the training device, views made there in batches; loader = "
+                        "DataLoader workers; auto = device when the set fits (common.py)",
+                        choices=("auto", "device", "loader"))
     seed: int = _f(123, "seed (official torch seed 123)")
     output_dir: str = _f("runs/simclr_nscl", "RUN_DIR: checkpoints ckpt_epoch{E:04d}.pt and log.jsonl")
-    save_every: int = _f(50, "checkpoint period in epochs (plus epoch 0 and the last epoch)")
+    save_every: int = _f(50, "checkpoint period in epochs (plus epoch 0 and the last epoch)", range="[1, inf)")
     resume: str = _f("", "PATH: continue from that checkpoint (strict); auto: the newest in --output-dir, or start "
                          "fresh (resubmittable after a preemption)")
     skip_bad_images: bool = _f(False, "skip unreadable image files (counted as data/skipped_images) instead of "
                                       "stopping")
-    precision: str = _f("auto", "auto | bf16 | fp16 | fp32: auto = bf16 on GPUs with native bf16, fp16 + "
-                                "GradScaler on older GPUs, fp32 on CPU; the losses always run in float32")
+    precision: str = _f("auto", "auto = bf16 on GPUs with native bf16, fp16 + GradScaler on older GPUs, fp32 on "
+                                "CPU; the losses always run in float32", choices=common.PRECISIONS)
     compile: bool = _f(False, "torch.compile the network")
-    log_every: int = _f(50, "log period in steps")
+    log_every: int = _f(50, "log period in steps", range="[1, inf)")
 
 
 # OFFICIAL: configs/simclr_DCL_{cifar10,cifar100,imagenet}_b1024.yaml (the CIFAR-10 file holds batch 512).
 PRESETS = {
-    "cifar10": dict(dataset="cifar10", batch_size=512, temperature=0.5, proj_dim=64),
-    "cifar100": dict(dataset="cifar100", batch_size=1024, temperature=0.5, proj_dim=128),
+    # OFFICIAL: the CIFAR-10 and mini-ImageNet configs train 2501 epochs, the CIFAR-100 config 2500
+    "cifar10": dict(dataset="cifar10", batch_size=512, temperature=0.5, proj_dim=64, epochs=2501),
+    "cifar100": dict(dataset="cifar100", batch_size=1024, temperature=0.5, proj_dim=128, epochs=2500),
     # mini-ImageNet (HF timm/mini-imagenet, 100 classes) as an ImageFolder: 224 px, ImageNet stem and recipe
     "imagenet-scale": dict(dataset="imagefolder", image_size=224, batch_size=896, temperature=0.1, proj_dim=128,
                            jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=1.0, blur_p=0.1, blur_sigma=(1.5, 1.5),
-                           blur_kernel=3),
+                           blur_kernel=3, epochs=2501),
     # not official (the official code has no ResNet-18): the fast CIFAR-10 variant
     "cifar10-r18": dict(dataset="cifar10", batch_size=512, temperature=0.5, proj_dim=64, backbone="resnet18",
                         width=1, epochs=500),
@@ -143,8 +151,9 @@ PRESETS = {
 # Distributed: local anchors against gathered candidates, averaged over the 2B LOCAL anchors. The gather's
 # backward sums over ranks, so every rank's loss reaches every rank's embeddings; DDP then averages the W
 # per-rank gradients, which gives exactly the gradient of the mean over all 2N anchors (tested).
-# DEVIATION 4: the official GatherLayer's backward returns only the local slice without summing over ranks,
-# which drops the other ranks' loss terms from each rank's gradient (see docs/simclr_nscl.md#deviations).
+# DEVIATION 4: the official code computes the WHOLE global loss (all 2N anchors) on every rank, and its
+# GatherLayer's backward returns the local slice without summing; no term is dropped, but after DDP's average
+# its parameter gradient is the right direction scaled by 1/W (measured on 2 ranks: ours = 2 x theirs, cosine 1).
 
 
 def _similarities(z1, z2, temperature):
@@ -308,11 +317,44 @@ def train_views(args, info):
     return common.MultiView([t, t])
 
 
+class ClassBalancedBatchSampler:
+    """Class-balanced global batches, split over ranks (what makes NSCL well defined: every anchor keeps
+    negatives of other classes; OFFICIAL: DistributedStratifiedBatchSampler). --loss nscl | supcon use it.
+
+    Per epoch, each class's indices are shuffled (seed + epoch, identical on all ranks), interleaved
+    round-robin over classes and cut into consecutive global batches of `global_batch_size`; each batch
+    then holds global_batch_size / C images of every class (+-1 when C does not divide it). Rank r takes
+    the r-th contiguous chunk of each global batch; a chunk of a round-robin sequence is itself balanced
+    (+-1), so the ranks' slices are disjoint and balanced too. The incomplete last batch is dropped; every
+    other index appears exactly once per epoch."""
+
+    def __init__(self, targets, global_batch_size, dist, seed=0):
+        self.targets = torch.as_tensor(targets, dtype=torch.long)
+        if global_batch_size % dist.world_size:
+            raise ValueError(f"batch size {global_batch_size} is not divisible by {dist.world_size} ranks")
+        self.batch, self.dist, self.seed, self.epoch = global_batch_size, dist, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.targets) // self.batch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        per_class = [torch.nonzero(self.targets == c).flatten() for c in torch.unique(self.targets)]
+        per_class = [idx[torch.randperm(len(idx), generator=g)] for idx in per_class]
+        order = [int(idx[k]) for k in range(max(map(len, per_class)))  # round-robin: one image of each class
+                 for idx in per_class if k < len(idx)]                  # that still has one
+        per_rank = self.batch // self.dist.world_size
+        for b in range(len(self)):
+            start = b * self.batch + self.dist.rank * per_rank
+            yield order[start:start + per_rank]
+
+
 # ===== TRAINING LOOP: plumbing =================================================================================
 def main(argv=None):
     args = common.parse_args(Args, PRESETS, argv)
-    if args.loss not in LOSSES:
-        raise common.UsageError(f"--loss must be one of {', '.join(LOSSES)}, got {args.loss!r}")
     dist = common.setup_distributed()
     device = dist.device
     common.seed_everything(args.seed)  # same seed on every rank: identical initial weights
@@ -324,25 +366,26 @@ def main(argv=None):
 
     # data: NSCL / SupCon need class-balanced global batches
     info = common.dataset_info(args.dataset, args.image_size)
+    if args.dataset == "cifar100":  # OFFICIAL: utils/augmentations.py normalises CIFAR-100 with CIFAR-10's mean
+        info = dataclasses.replace(info, mean=common.dataset_info("cifar10").mean,  # (std: see DEVIATION 7)
+                                   std=common.dataset_info("cifar10").std)
     train_set = common.build_dataset(args.dataset, "train", train_views(args, info), args.data_dir, args.download,
                                      subset=args.train_subset, seed=args.seed, image_size=info.image_size,
                                      skip_bad=args.skip_bad_images)
-    num_classes = train_set.num_classes
-    sampler = None
-    if args.loss in ("nscl", "supcon"):  # batch/C images per class (+-1 when C does not divide it, as official)
-        sampler = common.ClassBalancedBatchSampler(train_set.targets, args.batch_size, dist, seed=args.seed)
+    sampler = (ClassBalancedBatchSampler(train_set.targets, args.batch_size, dist, seed=args.seed)  # batch/C
+               if args.loss in ("nscl", "supcon") else None)  # images per class (+-1 if C does not divide it)
     loader = common.build_train_loader(train_set, per_rank, dist, args.data_path, args.workers, seed=args.seed,
                                        batch_sampler=sampler)
     steps_per_epoch, total_steps = len(loader), len(loader) * args.epochs
-    common.print0(f"{len(train_set)} images, C = {num_classes}, global batch {args.batch_size} = "
+    common.print0(f"{len(train_set)} images, C = {train_set.num_classes}, global batch {args.batch_size} = "
                   f"{dist.world_size} x {per_rank} per rank{' (class-balanced)' if sampler else ''}, "
                   f"{steps_per_epoch} steps/epoch, precision {prec.name}")
 
     # network: backbone f -> h, projector g -> z (normalised inside the losses)
     backbone, feature_dim = common.build_backbone(args.backbone, info.image_size, width=args.width)
-    model = nn.Sequential(backbone, build_projector(feature_dim, args.proj_hidden, args.proj_dim)).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model = nn.Sequential(backbone, build_projector(feature_dim, args.proj_hidden, args.proj_dim))
+    model = model.to(device, memory_format=fmt)
     ddp_model = common.ddp_wrap(model, dist)  # SyncBatchNorm (CUDA) + DDP when W > 1
     model = common.unwrap(ddp_model)  # the plain network (SyncBN-converted in place), for checkpoints
     forward = torch.compile(ddp_model) if args.compile else ddp_model
@@ -370,23 +413,25 @@ def main(argv=None):
         del ckpt
         common.print0(f"resumed at epoch {step // steps_per_epoch}, step {step}")
 
-    def save(epoch, mid_epoch=False):  # every rank calls it (the guard's check is collective); rank 0 writes
-        guard.check()  # never a checkpoint of a diverged state
-        if dist.is_main:
-            state = common.make_checkpoint(
-                "simclr_nscl", epoch, step, args,
-                common.backbone_spec(args.backbone, info.image_size, width=args.width), model[0], "online",
-                info, train_state={"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                   "scaler": prec.state_dict()},
-                heads={"projector": model[1], "normalize_output": True}, precision=prec.name)
-            common.save_checkpoint(Path(args.output_dir) / common.checkpoint_name(epoch, step if mid_epoch else None),
-                                   state)
-            common.prune_interrupted(args.output_dir, step)
-
     logger = common.RunLogger(args.output_dir, dist, total_steps, start_step=step)
     logger.log({"config": dataclasses.asdict(args), "world_size": dist.world_size, "precision": prec.name})
     guard = common.DivergenceGuard(device, steps_per_epoch, total_steps, lr_at, args.output_dir)
     stop = common.StopSignal(dist)
+
+    def save(epoch, mid_epoch=False):  # every rank calls it (the guard's check is collective); rank 0 writes
+        guard.check()  # never a checkpoint of a diverged state
+        if not dist.is_main:
+            return
+        state = common.make_checkpoint(
+            "simclr_nscl", epoch, step, args,
+            common.backbone_spec(args.backbone, info.image_size, width=args.width), model[0], "online",
+            info, train_state={"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "scaler": prec.state_dict()},
+            heads={"projector": model[1], "normalize_output": True}, precision=prec.name)
+        common.save_checkpoint(Path(args.output_dir) / common.checkpoint_name(epoch, step if mid_epoch else None),
+                               state)
+        common.prune_interrupted(args.output_dir, step)
+
     if step == 0:
         save(0)  # the paper's curves start at initialisation
     t0, start_step = time.perf_counter(), step
@@ -399,17 +444,20 @@ def main(argv=None):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # both views in one forward: BatchNorm statistics over all 2B views, as SimCLR
-            x = torch.cat([x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)])
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = torch.cat([x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)]).contiguous(
+                memory_format=fmt)
             y = y.to(device, non_blocking=True)
             with prec.autocast():
                 z = forward(x)
             z1, z2 = z.float().chunk(2)  # (B, d) each; the losses run in float32 outside autocast
             loss = LOSSES[args.loss](z1, z2, y, args.temperature)
             optimizer.zero_grad(set_to_none=True)
-            # OFFICIAL: clip the global gradient norm at 1.0 before LARS (after unscaling, in fp16)
-            prec.backward_step(loss, optimizer, model.parameters(), args.clip_grad)
+            prec.scaler.scale(loss).backward()  # the scaler is a no-op outside fp16
+            if args.clip_grad > 0:  # OFFICIAL: clip the global gradient norm at 1.0 before LARS (unscaled in fp16)
+                prec.scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            prec.scaler.step(optimizer)
+            prec.scaler.update()
             step += 1
             guard.update(loss, step)
             if step % args.log_every == 0 or step == total_steps:
@@ -419,15 +467,15 @@ def main(argv=None):
                 logger.step_line(epoch, step, common.all_reduce_mean(loss.detach()), lr, args.batch_size, extra)
             if stop():  # SIGTERM / SIGUSR1 (preemption): every rank leaves after this same step
                 break
-        # OFFICIAL cadence: every 10 epochs below 100 (Fig. 2's log-scale x), then every --save-every epochs
-        done, saved = epoch + 1, False
-        if step == done * steps_per_epoch and (done % args.save_every == 0 or (done < 100 and done % 10 == 0)
-                                                or done == args.epochs):
-            save(done)
-            saved = True
+        # the one exit path: at the epoch's end a checkpoint if due (OFFICIAL cadence: every 10 epochs below 100,
+        # for Fig. 2's log-scale x, then every --save-every); on a stop signal a mid-epoch one (unless just
+        # written); then leave
+        done = epoch + 1
+        due = step == done * steps_per_epoch and (done % args.save_every == 0 or (done < 100 and done % 10 == 0)
+                                                  or done == args.epochs)
+        if due or stop.stopping:
+            save(done if due else step // steps_per_epoch, mid_epoch=not due)
         if stop.stopping:
-            if not saved:
-                save(step // steps_per_epoch, mid_epoch=True)
             common.print0(f"stopped by a signal after step {step}; rerun the same command with --resume auto")
             break
     stop.close()
@@ -447,8 +495,7 @@ def pair_batches(meta, split, batch_size, data_dir=None, subset=0, workers=0, se
     args = Args(**{k: v for k, v in meta["args"].items() if k in known})
     info = common.DataInfo(data["dataset"], data["num_classes"], data["image_size"], tuple(data["mean"]),
                            tuple(data["std"]))
-    resize = round(info.image_size * 8 / 7) if info.image_size >= 128 else None  # 256 -> 224 on ImageNet
-    clean = common.eval_transform(info.image_size, info.mean, info.std, resize)
+    clean = common.eval_transform(info.image_size, info.mean, info.std)  # 256 -> 224 crop on ImageNet
     ds = common.build_dataset(info.name, split, common.MultiView([augment(args, info), clean]),
                               data_dir or data["data_dir"], subset=subset, seed=seed, image_size=info.image_size)
     loader = common.build_loader(ds, batch_size, common.DistInfo(device=common.select_device()), workers,
@@ -556,10 +603,7 @@ def eval_gap(argv):
             rows.append(row)
             common.print0(f"{path.name}: " + " ".join(f"{k} {v:.4f}" for k, v in row.items()
                                                        if k.endswith(("ntxent", "nscl", "gap"))))
-        with open(out_dir / "losses.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        common.write_csv(out_dir / "losses.csv", rows, list(rows[0]))
         plot_fig2(rows, rows[0]["bound"], out_dir / "fig2.png",
                   f"{meta['args']['loss']} on {meta['data']['dataset']}, B = {B}, C = {C}")
         common.print0(f"wrote {out_dir / 'losses.csv'} and {out_dir / 'fig2.png'}")
@@ -610,10 +654,7 @@ def gap_vs_classes(argv):
                          math.log1p(2 * batch * (1 - 1 / C))))
         common.print0(" ".join(f"{k} {v:.4g}" for k, v in rows[-1].items()))
     out = Path(a.checkpoint).with_name(f"gap_vs_classes_{Path(a.checkpoint).stem}")
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    common.write_csv(out.with_suffix(".csv"), rows, list(rows[0]))
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     Cs = [r["C"] for r in rows]

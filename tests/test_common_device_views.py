@@ -12,6 +12,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 import common
+import simclr_nscl
 from _dist import spawn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -274,7 +275,7 @@ def test_device_path_takes_the_loader_paths_images(balanced):
     aug = common.Augment(16)
     targets = torch.arange(60) % 6 if balanced else None
     ds = _tensor_dataset(60, transform=common.MultiView([aug, aug]), targets=targets)
-    make = (lambda: common.ClassBalancedBatchSampler(ds.targets, 12, common.DistInfo(), seed=4)) if balanced \
+    make = (lambda: simclr_nscl.ClassBalancedBatchSampler(ds.targets, 12, common.DistInfo(), seed=4)) if balanced \
         else (lambda: None)
     device = common.build_train_loader(ds, 12, common.DistInfo(), "device", seed=4, batch_sampler=make())
     loader = common.build_train_loader(ds, 12, common.DistInfo(), "loader", seed=4, batch_sampler=make())

@@ -60,27 +60,6 @@ def test_gather_and_gradients_equal_single_process():
         torch.testing.assert_close(r["grad_b"], model.bias.grad)
 
 
-def _balanced_worker(rank, world):
-    targets = torch.arange(10).repeat_interleave(12)  # 10 classes x 12 images
-    sampler = common.ClassBalancedBatchSampler(targets, 20, common.DistInfo(rank, world), seed=3)
-    sampler.set_epoch(1)
-    return [list(b) for b in sampler]
-
-
-def test_class_balanced_sampler_over_two_ranks():
-    targets = torch.arange(10).repeat_interleave(12)
-    per_rank = spawn(_balanced_worker, W)
-    assert len(per_rank[0]) == len(per_rank[1]) == 120 // 20
-    seen = []
-    for b0, b1 in zip(*per_rank):
-        assert not set(b0) & set(b1)  # disjoint across ranks
-        global_batch = b0 + b1
-        assert torch.bincount(targets[global_batch], minlength=10).tolist() == [2] * 10
-        assert torch.bincount(targets[b0], minlength=10).tolist() == [1] * 10  # each rank balanced too
-        seen += global_batch
-    assert sorted(seen) == list(range(120))  # every index exactly once per epoch
-
-
 def test_helpers_are_identity_on_one_process():
     x = torch.randn(3, 2, requires_grad=True)
     assert common.gather_with_grad(x) is x

@@ -1,4 +1,5 @@
 """ExCB method core (excb.py METHOD section) against slow references and its invariants. CPU, ~15 s."""
+import copy
 import os
 import sys
 import tempfile
@@ -253,3 +254,46 @@ def test_fig4_statistics():
     st = excb.cluster_stats(counts)
     assert float(st["excb/size_max"]) == 3 * 4 / 4 and float(st["excb/size_min"]) == 0
     assert int(st["excb/empty_clusters"]) == 2 and float(st["excb/purity"]) == 3 / 4
+
+
+# ----------------------------------------------------------------- plumbing: schedules and the stored head
+def test_schedule_offset_takes_the_official_value_at_step_0():
+    """OFFICIAL engine/optimizer.py advances its step counter before each step: its lr and weight decay at
+    step t are ours at t + 1, so the first lr is lr / warm-up steps, not 0 (--schedule-offset 1, default)."""
+    args = excb.Args(lr=0.6, weight_decay=1e-4, wd_end_factor=10.0)
+    total, warmup = 1000, 100
+    official = excb.schedules(0, total, warmup, args)
+    assert official["lr"] == pytest.approx(0.6 / warmup)
+    paper = excb.schedules(0, total, warmup, excb.Args(lr=0.6, weight_decay=1e-4, wd_end_factor=10.0,
+                                                        schedule_offset=0))
+    assert paper["lr"] == 0.0 and paper["decay"] == pytest.approx(1e-4)
+    for t in (0, 1, 99, 100, 500, 998):  # the whole official schedule is ours one step ahead; the EMA is not
+        ours_next = excb.schedules(t + 1, total, warmup, excb.Args(lr=0.6, weight_decay=1e-4, wd_end_factor=10.0,
+                                                                    schedule_offset=0))
+        off = excb.schedules(t, total, warmup, args)
+        assert all(off[k] == ours_next[k] for k in ("lr", "decay", "centroids"))
+        assert off["ema"] == excb.schedules(t, total, warmup, excb.Args(schedule_offset=0))["ema"]
+    assert excb.schedules(total - 1, total, warmup, args)["lr"] == pytest.approx(0.6 * 1e-4)  # the floor
+
+
+@pytest.mark.parametrize("method", ["excb", "resa"])
+def test_stored_projector_head_loads_from_a_syncbn_module(method):
+    """excb.py and resa.py store the teacher / momentum projector as it is; on multi-GPU its BatchNorms are
+    SyncBatchNorm, which make_checkpoint writes as BatchNorm1d (same state keys): the head loads strictly, holds
+    no SyncBatchNorm and computes what a plain copy computes."""
+    import common
+    import resa
+    torch.manual_seed(0)
+    plain = excb.build_heads(12, 16, 8)[0] if method == "excb" else resa.build_projector(12, 16, 8)
+    for mod in plain.modules():
+        if isinstance(mod, nn.BatchNorm1d):
+            mod.running_mean.uniform_(-1, 1), mod.running_var.uniform_(0.5, 2)
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain))
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in synced.modules()) >= 2
+    enc, _ = common.build_backbone("convnet", 16)
+    ckpt = common.make_checkpoint(method, 1, 10, excb.Args(), common.backbone_spec("convnet", 16), enc, "teacher",
+                                  common.dataset_info("digits", 16), {}, heads={"projector": synced})
+    head = common.load_heads(ckpt)["projector"]
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in head.modules())
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(head(x), plain.eval()(x))

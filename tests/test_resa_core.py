@@ -155,12 +155,20 @@ def test_gradients_reach_online_only():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-def test_ema_schedule():
-    assert resa.ema_momentum(0, 1000) == pytest.approx(0.996)
-    assert resa.ema_momentum(500, 1000) == pytest.approx(0.998)
-    assert resa.ema_momentum(1000, 1000) == pytest.approx(1.0)
-    values = [resa.ema_momentum(t, 100) for t in range(101)]
+def test_ema_schedule_is_the_official_half_cosine():
+    """resa.py takes m from common.cosine_schedule(step, total, base, 1.0): the official src/utils.py formula
+    1 - (1 - base)(cos(pi t / T) + 1) / 2, per step, no warm-up, to the last bits."""
+    def official(t, T, base=0.996):
+        return 1.0 - (1.0 - base) * (math.cos(math.pi * t / T) + 1.0) / 2.0
+    for T in (100, 1000, 12345):
+        for t in range(0, T + 1, max(T // 50, 1)):
+            assert common.cosine_schedule(t, T, 0.996, 1.0) == pytest.approx(official(t, T), rel=0, abs=1e-15)
+    assert common.cosine_schedule(0, 1000, 0.996, 1.0) == pytest.approx(0.996)
+    assert common.cosine_schedule(500, 1000, 0.996, 1.0) == pytest.approx(0.998)
+    assert common.cosine_schedule(1000, 1000, 0.996, 1.0) == 1.0
+    values = [common.cosine_schedule(t, 100, 0.996, 1.0) for t in range(101)]
     assert all(a <= b for a, b in zip(values, values[1:]))
+
 
 
 def test_momentum_changes_only_by_ema():

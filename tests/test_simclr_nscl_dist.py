@@ -5,6 +5,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
@@ -70,10 +71,10 @@ def test_two_ranks_match_single_process_loss_and_gradients():
 
 
 def test_class_balanced_sampler_is_balanced_complete_and_disjoint():
-    """NSCL needs every global batch to hold batch/C images of each class (common.ClassBalancedBatchSampler)."""
+    """NSCL needs every global batch to hold batch/C images of each class (sn.ClassBalancedBatchSampler)."""
     classes, per_class, batch = 5, 40, 20
     targets = torch.arange(classes).repeat_interleave(per_class)[torch.randperm(classes * per_class)]
-    samplers = [common.ClassBalancedBatchSampler(targets, batch, common.DistInfo(rank=r, world_size=W), seed=3)
+    samplers = [sn.ClassBalancedBatchSampler(targets, batch, common.DistInfo(rank=r, world_size=W), seed=3)
                 for r in range(W)]
     orders = []
     for epoch in (0, 1):
@@ -89,3 +90,27 @@ def test_class_balanced_sampler_is_balanced_complete_and_disjoint():
         assert sorted(seen) == list(range(classes * per_class))  # every index exactly once per epoch
         orders.append(seen)
     assert orders[0] != orders[1]  # reshuffled each epoch
+
+
+def test_class_balanced_sampler_one_image_per_class_per_rank():
+    """(moved from test_common_distributed.py with the sampler) 10 classes x 12 images, global batch 20 over
+    2 ranks: each global batch holds 2 images per class, each rank's slice 1 per class."""
+    targets = torch.arange(10).repeat_interleave(12)
+    per_rank = []
+    for rank in range(W):
+        sampler = sn.ClassBalancedBatchSampler(targets.tolist(), 20, common.DistInfo(rank, W), seed=3)
+        sampler.set_epoch(1)
+        per_rank.append([list(b) for b in sampler])
+    assert len(per_rank[0]) == len(per_rank[1]) == 120 // 20
+    seen = []
+    for b0, b1 in zip(*per_rank):
+        assert not set(b0) & set(b1)  # disjoint across ranks
+        assert torch.bincount(targets[b0 + b1], minlength=10).tolist() == [2] * 10
+        assert torch.bincount(targets[b0], minlength=10).tolist() == [1] * 10  # each rank balanced too
+        seen += b0 + b1
+    assert sorted(seen) == list(range(120))  # every index exactly once per epoch
+
+
+def test_class_balanced_sampler_needs_a_batch_that_divides_over_the_ranks():
+    with pytest.raises(ValueError, match="not divisible by 2 ranks"):
+        sn.ClassBalancedBatchSampler(torch.zeros(10), 5, common.DistInfo(0, 2))
