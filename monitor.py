@@ -250,12 +250,10 @@ def alpha_req(x, fit_range=(0.0, 0.5)):
     hi = int(math.floor(fit_range[1] * r))
     if hi - lo + 1 < 3:
         return {"alpha": float("nan"), "r2": float("nan"), "fit_lo": lo, "fit_hi": hi}
-    k = torch.arange(lo, hi + 1, dtype=torch.float64)
-    lx, ly = k.log(), lam[lo - 1:hi].log()
-    slope = ((lx - lx.mean()) * (ly - ly.mean())).sum() / ((lx - lx.mean()) ** 2).sum()
-    resid = ly - (ly.mean() + slope * (lx - lx.mean()))
-    r2 = 1.0 - float((resid ** 2).sum() / ((ly - ly.mean()) ** 2).sum())
-    return {"alpha": float(-slope), "r2": r2, "fit_lo": lo, "fit_hi": hi}
+    from scipy import stats
+
+    fit = stats.linregress(np.log(np.arange(lo, hi + 1)), lam[lo - 1:hi].log().numpy())  # least squares, log-log
+    return {"alpha": float(-fit.slope), "r2": float(fit.rvalue ** 2), "fit_lo": lo, "fit_hi": hi}
 
 
 def lidar(views, delta=1e-4, eps=1e-8):
@@ -507,15 +505,6 @@ class _Views(torch.utils.data.Dataset):
         return self.transform(image), label
 
 
-@torch.inference_mode()
-def apply_head(head, h, normalize=False, batch=4096):
-    """(N, D) backbone features -> head output (N, D'), in eval mode, in batches, on the head's device."""
-    head.eval()
-    device = next(head.parameters()).device if any(True for _ in head.parameters()) else torch.device("cpu")
-    out = torch.cat([head(h[i:i + batch].to(device)).float().cpu() for i in range(0, len(h), batch)])
-    return F.normalize(out, dim=1) if normalize else out
-
-
 class Data:
     """The run's images, built once from the first checkpoint (every checkpoint of a run shares its dataset).
 
@@ -534,10 +523,6 @@ class Data:
         return torch.utils.data.DataLoader(ds, batch_size=self.args.batch_size, num_workers=self.args.workers)
 
     def loader(self, split, subset, kind="clean", n_views=1, n_images=None, seed=0):
-        if subset and ("full", split) not in self._loaders:
-            self._loaders[("full", split)] = len(common.eval_loader(self.meta, split, self.data_dir).dataset)
-        if subset and subset >= self._loaders[("full", split)]:
-            subset = 0  # a subset as large as the split is the split: share its loader and cache
         key = (split, subset, kind, n_views, n_images, seed)
         if key not in self._loaders:
             loader = common.eval_loader(self.meta, split, self.data_dir, self.args.batch_size, self.args.workers,
@@ -571,8 +556,10 @@ def embed(backbone, heads, loader, device, feature_sets, seed=0, precision="fp32
         torch.manual_seed(seed)
         h, y = common.extract_features(backbone, loader, device, precision)
     out = {"backbone": h}
-    if "projector" in feature_sets:
-        out["projector"] = apply_head(heads["projector"], h, bool(heads.get("normalize_output", False)))
+    if "projector" in feature_sets:  # the head on the backbone features, in eval mode, on the head's device
+        with torch.inference_mode():
+            z = heads["projector"].eval()(h.to(device)).float().cpu()  # (N, D')
+        out["projector"] = F.normalize(z, dim=1) if heads.get("normalize_output") else z
     return out, y
 
 
@@ -580,13 +567,8 @@ def load_checkpoint(path, device):
     """-> (backbone on device, heads on device, meta) from one file, read once."""
     ckpt = common.load_checkpoint(path)
     backbone, meta = common.load_backbone(ckpt)
-    heads = common.load_heads(ckpt)
-    meta["path"] = str(path)
-    del ckpt
-    for k, v in heads.items():
-        if isinstance(v, nn.Module):
-            heads[k] = v.to(device)
-    return backbone.to(device), heads, meta
+    heads = {k: v.to(device) if isinstance(v, nn.Module) else v for k, v in common.load_heads(ckpt).items()}
+    return backbone.to(device), heads, {**meta, "path": str(path)}
 
 
 def validate_checkpoints(paths, skip_damaged):

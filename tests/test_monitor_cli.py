@@ -120,22 +120,27 @@ def test_removed_flags_are_refused_with_their_replacement(tmp_path, argv, names)
         monitor.main([str(tmp_path), *argv])
 
 
-def test_usage_errors_are_one_line_exit_2(tmp_path):
+def test_usage_errors_are_one_line_exit_2(tmp_path, capsys):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for argv in (["--analysis", "resa", "excb"], ["--features", "head"], ["--lidar-views", "1"]):
-        proc = subprocess.run([sys.executable, "monitor.py", str(tmp_path), *argv], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 2 and proc.stderr.startswith("error: argument --"), proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    proc = subprocess.run([sys.executable, "monitor.py", str(tmp_path), "--analysis", "resa", "excb"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)  # common.run: UsageError -> exit 2
+    assert proc.returncode == 2 and proc.stderr.startswith("error: argument --analysis"), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    for argv in (["--features", "head"], ["--lidar-views", "1"], ["--view-scale", "0", "1"]):  # the Args checks
+        with pytest.raises(SystemExit) as e:
+            monitor.main([str(tmp_path), *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"error: argument {argv[0]}") and err.count("\n") == 1, err
 
 
-def test_help_reads_whole():
-    proc = subprocess.run([sys.executable, "monitor.py", "--help"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0
-    description = proc.stdout.split("\n\n")[1]
+def test_help_reads_whole(capsys):
+    with pytest.raises(SystemExit) as e:
+        monitor.main(["--help"])
+    out = capsys.readouterr().out
+    description = out.split("\n\n")[1]
+    assert e.value.code == 0 and description.startswith("monitor.py: label-free monitoring")
     assert description.rstrip().endswith(".") and "intrinsic" in description  # not cut mid-sentence
-    assert "{auto,csv,knn,none}" in proc.stdout and "ridge" not in proc.stdout
+    assert "{auto,csv,knn,none}" in out and "ridge" not in out
 
 
 def test_views_are_identical_across_passes_cached_or_not(run_dir):
