@@ -184,15 +184,15 @@ def intrinsic_dimension(x):
 
     For each point the ratio mu_i = r2_i / r1_i of its distances to its 2nd and 1st nearest neighbours follows,
     for locally uniform data on a d-dimensional manifold, the Pareto law F(mu) = 1 - mu^(-d), whatever the
-    density. We use the maximum-likelihood estimate, unbiased form (Denti et al. 2022):
+    density. We use the maximum-likelihood estimate of that Pareto exponent, with N - 1 for N (unbiased):
         d = (N - 1) / sum_i log mu_i.
     our choice: the MLE rather than the paper's linear fit of -log(1 - F(mu)) on log mu through the origin with
     the largest 10 % of the mu discarded: no fraction to choose and no empirical CDF; it gives 4.86 for a 5-d
-    Gaussian embedded in 64-d and 1.95 for a plane (N = 2000, tests/test_monitor_metrics.py). Duplicates (r1 = 0, so mu = inf) are removed first: exact duplicate
-    rows are collapsed to one (np.unique), N counts the distinct rows. NaN with fewer than 3 distinct rows.
-    A collapsed embedding gives a low value. Why it is monitored: issue 20 cites 2026 comparisons of label-free
-    monitors over hundreds of SSL models that rank intrinsic-dimension estimates as the most reliable predictor
-    of downstream accuracy (not checked here; see docs/monitor.md for what our runs show).
+    Gaussian embedded in 64-d and 1.95 for a plane (N = 2000, tests/test_monitor_metrics.py).
+    Duplicates (r1 = 0, so mu = inf) are removed first: exact duplicate rows are collapsed to one (np.unique),
+    and N counts the distinct rows. NaN with fewer than 3 distinct rows. A collapsed embedding gives a low value.
+    Why it is monitored: issue 20 cites 2026 comparisons of label-free monitors over hundreds of SSL models that
+    rank intrinsic-dimension estimates as the most reliable predictor of downstream accuracy (not checked here).
     """
     x = np.unique(_np32(x), axis=0)  # (N', D) distinct rows: every r1 > 0
     if len(x) < 3:
@@ -649,23 +649,21 @@ def report(rows, paths, epochs, feature_sets, probe_note, skip_early, title, out
     """Correlation of every monitored metric with the probe accuracy (all checkpoints, and without the first
     `skip_early`), monitor_correlations.csv and the two figures per feature set. -> (rows, files written)."""
     names = [p.name for p in paths]
+    table = {(r["checkpoint"], r["features"], r["metric"]): r["value"] for r in rows}
 
-    def series_of(metric, features):
-        return [next((r["value"] for r in rows if r["checkpoint"] == c and r["features"] == features
-                      and r["metric"] == metric), float("nan")) for c in names]
+    def series_of(metric, features):  # one value per checkpoint, NaN where it was not computed
+        return [table.get((c, features, metric), float("nan")) for c in names]
 
     probe = series_of("probe_acc", "backbone")
     corr_rows, written = [], []
     for fs in feature_sets:
-        series = {m: series_of(m, fs) for m in MONITORED
-                  if any(r["metric"] == m and r["features"] == fs for r in rows)}
+        series = {m: series_of(m, fs) for m in MONITORED if any(k[1:] == (fs, m) for k in table)}
         corr = {}
         for m, vals in series.items():
             for skip in sorted({0, skip_early}):
                 c = correlation_report(vals, probe, skip)
-                kind = "label-based" if m == "ami_gt" else "label-free"
-                corr_rows.append({"features": fs, "metric": m, "kind": kind,
-                                  "skip_early": skip, **c})
+                corr_rows.append({"features": fs, "metric": m, "kind": "label-based" if m == "ami_gt" else
+                                  "label-free", "skip_early": skip, **c})
                 corr.setdefault(m, c)
         fig_title = f"{title}: {fs} features, {len(names)} checkpoints"
         has_probe = bool(np.isfinite(probe).any())

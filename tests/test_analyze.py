@@ -1,7 +1,6 @@
 """The method papers' analyses as subcommands: `python excb.py analyze RUN_DIR` (App. A Fig. 5 cluster sizes,
 App. C Fig. 7 t-SNE) and `python resa.py analyze RUN_DIR` (Fig. 3 silhouette / ARI per layer), end to end on the
 run directory of random-init ExCB-style checkpoints that tests/test_monitor_cli.py builds (digits, convnet)."""
-import csv
 import os
 import subprocess
 import sys
@@ -66,7 +65,8 @@ def test_resa_analyze_writes_layers_and_figure(run_dir, tmp_path):
     assert list(rows[0]) == ["checkpoint", "epoch", "layer", "granularity", "split", "n", "sc_mean", "sc_std",
                              "ari"]
     assert {r["layer"] for r in rows} == {"encoder", "proj_hidden0", "proj_hidden1", "embedding"}
-    assert len(rows) == 3 * 4 and {(r["granularity"], r["split"], r["n"]) for r in rows} == {("fine", "test", "150")}
+    assert len(rows) == 3 * 4
+    assert {(r["granularity"], r["split"], r["n"]) for r in rows} == {("fine", "test", "150")}
     assert (tmp_path / "monitor_resa.png").stat().st_size > 1000
 
 
