@@ -581,5 +581,101 @@ def main():
     stop.close()
     common.cleanup_distributed()
 
+
+# ===================================== THE PAPER'S MEASUREMENTS: App. A (Fig. 5) and App. C (Fig. 7) ==========
+# Appendix A: every train image is assigned to its most similar centroid by plain inference (the cosine of its
+# projector output with the centroids, no balancing operator), at every checkpoint; Fig. 5 sorts the clusters by
+# relative size N_c K / N (1 = the balanced size). Appendix C, Fig. 7: t-SNE of the projector features
+# (h o f)(x) of a few classes, last checkpoint. The outputs keep the names monitor.py gave them before.
+def cluster_size_summary(counts):
+    """Images per cluster (K,) -> relative sizes N_c K / N, descending, and their summary (an excb.csv row)."""
+    k, n = len(counts), int(counts.sum())
+    rel = (counts.double() * k / n).sort(descending=True).values
+    empty = int((counts == 0).sum())
+    return rel, {"K": k, "N": n, "empty": empty, "empty_frac": empty / k, "max_rel_size": float(rel[0]),
+                 "median_rel_size": float(rel.median()), "q10_rel_size": float(rel.quantile(0.1)),
+                 "q90_rel_size": float(rel.quantile(0.9))}
+
+
+def analyze(argv):
+    """`python excb.py analyze RUN_DIR`: cluster sizes by inference at every checkpoint (App. A, Fig. 5) and a
+    t-SNE of the last one (App. C, Fig. 7) -> excb.csv, monitor_excb_sizes.png, monitor_excb_tsne.png."""
+    import argparse
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.manifold import TSNE
+
+    p = argparse.ArgumentParser(prog="excb.py analyze", description=analyze.__doc__)
+    p.add_argument("run", help="run directory (every *.pt, in epoch order) or one checkpoint")
+    p.add_argument("--out-dir", default="", help="where the outputs go (default: the run directory)")
+    p.add_argument("--samples", type=int, default=0, help="train images assigned (0 = all, as the paper)")
+    p.add_argument("--bn", choices=("eval", "batch"), default="eval", help="BatchNorm: running statistics (our "
+                   "reading of 'simple inference') or batch statistics, as the teacher runs in training; they "
+                   "differ most early, when the running statistics have seen only the k-means passes")
+    p.add_argument("--tsne-classes", type=int, default=10, help="classes in the t-SNE picture (Fig. 7)")
+    p.add_argument("--tsne-per-class", type=int, default=100, help="images per class in the t-SNE picture")
+    p.add_argument("--data-dir", default=None, help="override the data directory stored in the checkpoints")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the t-SNE and its images")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (0 = the defaults)")
+    a = p.parse_args(argv)
+    out = Path(a.out_dir) if a.out_dir else common.run_dir_of(a.run)
+    out.mkdir(parents=True, exist_ok=True)
+    device, rows, sizes, loader = common.select_device(), [], {}, None
+    with common.cpu_threads(a.threads), torch.no_grad():
+        for path in common.list_checkpoints(a.run):
+            ckpt = common.load_checkpoint(path)
+            (backbone, meta), heads = common.load_backbone(ckpt), common.load_heads(ckpt)
+            if not {"projector", "centroids"} <= set(heads):
+                raise common.UsageError(f"{path} has heads {sorted(heads)}; excb.py analyze needs 'projector' "
+                                        f"and 'centroids' (an ExCB checkpoint)")
+            loader = loader or common.eval_loader(meta, "train", a.data_dir, a.batch_size, a.workers, a.samples)
+            net = nn.Sequential(backbone, heads["projector"]).to(device).train(a.bn == "batch")
+            h, y = map(torch.cat, zip(*[(net(x.to(device)).float().cpu(), y) for x, y in loader]))  # (N, D)
+            z = F.normalize(h, dim=1) @ F.normalize(heads["centroids"].float().cpu(), dim=1).T  # (N, K) cosines
+            rel, summary = cluster_size_summary(torch.bincount(z.argmax(1), minlength=z.shape[1]))
+            sizes[int(meta["epoch"])] = rel
+            rows.append({"checkpoint": path.name, "epoch": int(meta["epoch"]), **summary})
+            common.print0(f"{path.name}: " + " ".join(f"{k} {v:.4g}" for k, v in summary.items()))
+        common.write_csv(out / "excb.csv", rows, list(rows[0]))
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for i, (e, rel) in enumerate(sorted(sizes.items())):
+            ax.plot(range(1, len(rel) + 1), rel, color=plt.get_cmap("viridis")(i / max(len(sizes) - 1, 1)),
+                    lw=1.2, label=f"epoch {e}")
+        s = rows[-1]
+        if s["empty"]:  # shade the empty clusters of the last checkpoint
+            ax.axvspan(s["K"] - s["empty"] + 0.5, s["K"] + 0.5, color="red", alpha=0.12, label="empty (last)")
+        ax.axhline(1.0, color="k", ls="--", lw=0.8, label="balanced size 1")
+        ax.set_yscale("symlog", linthresh=1.0)  # linear in [0, 1] (under-used clusters), log above (over-used)
+        ax.set(xlabel="cluster (sorted by size)", ylabel="relative size N_c K / N (symlog)",
+               ylim=(0, 1.5 * max(float(rel[0]) for rel in sizes.values())),
+               title=f"epoch {s['epoch']}: K={s['K']}, N={s['N']}, {s['empty']} empty, largest "
+                     f"{s['max_rel_size']:.1f}")
+        ax.legend(fontsize=7, ncol=2)
+        fig.savefig(out / "monitor_excb_sizes.png", dpi=110, bbox_inches="tight")
+        g = torch.Generator().manual_seed(a.seed)  # Fig. 7: tsne_per_class random images of the first classes
+        pick = torch.cat([torch.nonzero(y == c).flatten()[torch.randperm(int((y == c).sum()), generator=g)]
+                          [:a.tsne_per_class] for c in torch.unique(y)[:a.tsne_classes]])
+        xy = TSNE(2, perplexity=float(min(30.0, max(2.0, (len(pick) - 1) / 3))), init="pca",
+                  random_state=a.seed).fit_transform(h[pick].numpy())
+        fig, ax = plt.subplots(figsize=(6, 6))
+        names = getattr(loader.dataset, "classes", None)
+        for c in torch.unique(y[pick]).tolist():
+            m = (y[pick] == c).numpy()
+            ax.scatter(xy[m, 0], xy[m, 1], s=6, label=names[c] if names else str(c))
+        ax.set(xticks=[], yticks=[], title=f"{meta['method']} epoch {s['epoch']}: t-SNE of projector features")
+        ax.legend(fontsize=7, markerscale=2)
+        fig.savefig(out / "monitor_excb_tsne.png", dpi=110, bbox_inches="tight")
+    common.print0(f"wrote excb.csv, monitor_excb_sizes.png, monitor_excb_tsne.png to {out}")
+
+
 if __name__ == "__main__":
-    common.run(main)
+    import sys
+
+    if sys.argv[1:2] == ["analyze"]:
+        common.run(lambda: analyze(sys.argv[2:]))
+    else:
+        common.run(main)

@@ -1,5 +1,8 @@
-"""monitor.py: label-free monitoring of SSL training from saved checkpoints, plus the clustering analyses of the
-ReSA and ExCB papers.
+"""monitor.py: label-free monitoring of self-supervised training from saved checkpoints. For every checkpoint of
+a run (excb.py, resa.py, simclr_nscl.py) it computes metrics that need no labels on the embeddings of
+unlabelled train images (k-means silhouette, clustering agreement, entropy, RankMe, alpha-ReQ, LiDAR, TwoNN
+intrinsic dimension), their Pearson / Spearman / Kendall correlation with the probe accuracy across the run
+(probe.py's probe.csv, or a k-NN probe), and plots of both.
 
 Paper: Xu, Lowe, Trappenberg, "Label-free Monitoring of Self-Supervised Learning Progress", IEEE CCECE 2022,
 arXiv 2409.06612. It asks whether metrics computed without labels track the linear-probe accuracy over a run:
@@ -7,31 +10,28 @@ the silhouette score of k-means clusters (S_1), the agreement of two k-means clu
 entropy of the embedding distribution (H(Z_3)). No official code exists and only the abstract and summaries were
 readable, so everything the paper leaves open is a flag, and its default is marked "our choice" below.
 Extras: RankMe (Garrido et al., ICML 2023), alpha-ReQ (Agrawal et al., NeurIPS 2022), LiDAR (Thilak et al.,
-ICLR 2024). Analyses: ReSA (Weng et al., ICML 2025) silhouette/ARI per layer; ExCB (Maniadis et al., ECCV 2024)
-cluster-size distribution (Appendix A, Fig. 5) and t-SNE (Appendix C, Fig. 7).
+ICLR 2024), TwoNN intrinsic dimension (Facco et al., Sci. Rep. 2017). The clustering analyses of the method
+papers are subcommands of their method files: `python resa.py analyze RUN_DIR`, `python excb.py analyze RUN_DIR`.
 
 Commands (docs/monitor.md has the details):
     python monitor.py runs/x                               # every checkpoint: monitor.csv, correlations, plots
     python monitor.py runs/x --features all --pairing seeds --skip-early 2
-    python monitor.py runs/x --analysis resa excb          # + resa.csv / excb.csv and their figures
     python monitor.py --benchmark 10000                    # time the metric set on 10,000 x 512 embeddings
-Outputs (in RUN_DIR, or --out-dir): monitor.csv (long format: checkpoint, epoch, method, features, metric,
-value, note), monitor_correlations.csv, monitor_config.json, monitor_epoch_<features>.png,
-monitor_probe_<features>.png; with --analysis: resa.csv, monitor_resa.png, excb.csv, monitor_excb_sizes.png,
-monitor_excb_tsne.png.
+Outputs (in RUN_DIR, or --out-dir): monitor.csv (long format: checkpoint, epoch, method, features, precision,
+metric, value, note), monitor_correlations.csv, monitor_config.json, monitor_epoch_<features>.png,
+monitor_probe_<features>.png.
 
-Measured (2-core CPU shared with other jobs, load 3-4, torch 2.14.1, scikit-learn 1.9.1, 1 thread):
+Measured (2-core CPU shared with other jobs, load 3-4, torch 2.14.1, scikit-learn 1.9.1, 1 thread), before the
+intrinsic dimension was added (it adds one k-NN pass, about as much as entropy_knn):
     full label-free metric set on 10,000 x 512 embeddings: 8.6 s with the default --max-samples 5000 (K = 10),
-    18 s with K = 100, 21 s on all 10,000 rows. ExCB digits run, 7 checkpoints, `--features all --analysis
-    resa excb`: 83 s in all (27 s for the first checkpoint, which draws and caches the views, then ~4 s each).
+    18 s with K = 100, 21 s on all 10,000 rows.
 
 Reading guide: the METRICS section holds pure functions on an (N, D) tensor, each usable on its own:
-    kmeans_silhouette, clustering_agreement, embedding_entropy, rankme, alpha_req, lidar, correlation_report.
-The paper tags are `# Sec.`/`# Eq.` of the respective papers; `# our choice:` marks a default the paper does
-not fix.
+    kmeans_silhouette, clustering_agreement, embedding_entropy, rankme, alpha_req, lidar, intrinsic_dimension,
+    correlation_report. The paper tags are `# Sec.`/`# Eq.` of the respective papers; `# our choice:` marks a
+    default the paper does not fix.
 """
 
-import contextlib
 import copy
 import csv
 import json
@@ -145,15 +145,20 @@ def gaussian_entropy(x, eps=1e-6):
 
 
 def knn_distances(x, k, chunk=1024):
-    """Euclidean distance of each row of x (N, D) to its k-th nearest other row -> (N,) float64."""
+    """Euclidean distances of each row of x (N, D) to its k nearest other rows, ascending -> (N, k) float64.
+
+    The candidates come from a float32 Gram matrix (|a|^2 + |b|^2 - 2ab on centred rows, chunked: O(N^2 D));
+    their distances are then recomputed exactly in float64 from the rows, so near-duplicates do not round to 0."""
+    x64 = _t64(x)
     x = torch.as_tensor(_np32(x))
     x = x - x.mean(0, keepdim=True)  # translation-invariant; centring keeps |a|^2 + |b|^2 - 2ab well conditioned
     sq = (x * x).sum(1)
-    out = torch.empty(len(x), dtype=torch.float64)
+    out = torch.empty(len(x), k, dtype=torch.float64)
     for i in range(0, len(x), chunk):
         d2 = sq[i:i + chunk, None] + sq[None, :] - 2.0 * x[i:i + chunk] @ x.T  # (chunk, N)
         d2[torch.arange(d2.shape[0]), torch.arange(i, i + d2.shape[0])] = float("inf")  # not its own neighbour
-        out[i:i + chunk] = d2.topk(k, dim=1, largest=False).values[:, -1].clamp_min(0).double().sqrt()
+        idx = d2.topk(k, dim=1, largest=False).indices  # (chunk, k)
+        out[i:i + chunk] = (x64[i:i + chunk, None] - x64[idx]).norm(dim=2).sort(dim=1).values
     return out
 
 
@@ -169,9 +174,32 @@ def knn_entropy(x, k=3, min_dist=1e-10):
     from scipy.special import digamma
 
     n, d = x.shape
-    r = knn_distances(x, k).clamp_min(min_dist)
+    r = knn_distances(x, k)[:, -1].clamp_min(min_dist)
     log_vd = 0.5 * d * math.log(math.pi) - math.lgamma(0.5 * d + 1)
     return float(digamma(n) - digamma(k) + log_vd + d * r.log().mean())
+
+
+def intrinsic_dimension(x):
+    """TwoNN intrinsic dimension of x (N, D) (Facco, d'Errico, Rodriguez, Laio, Sci. Rep. 7, 12140, 2017).
+
+    For each point the ratio mu_i = r2_i / r1_i of its distances to its 2nd and 1st nearest neighbours follows,
+    for locally uniform data on a d-dimensional manifold, the Pareto law F(mu) = 1 - mu^(-d), whatever the
+    density. We use the maximum-likelihood estimate of that Pareto exponent, with N - 1 for N (unbiased):
+        d = (N - 1) / sum_i log mu_i.
+    our choice: the MLE rather than the paper's linear fit of -log(1 - F(mu)) on log mu through the origin with
+    the largest 10 % of the mu discarded: no fraction to choose and no empirical CDF; it gives 4.86 for a 5-d
+    Gaussian embedded in 64-d and 1.95 for a plane (N = 2000, tests/test_monitor_metrics.py).
+    Duplicates (r1 = 0, so mu = inf) are removed first: exact duplicate rows are collapsed to one (np.unique),
+    and N counts the distinct rows. NaN with fewer than 3 distinct rows. A collapsed embedding gives a low value.
+    Why it is monitored: issue 20 cites 2026 comparisons of label-free monitors over hundreds of SSL models that
+    rank intrinsic-dimension estimates as the most reliable predictor of downstream accuracy (not checked here).
+    """
+    x = np.unique(_np32(x), axis=0)  # (N', D) distinct rows: every r1 > 0
+    if len(x) < 3:
+        return float("nan")
+    r = knn_distances(x, 2)  # (N', 2): r1, r2
+    log_mu = (r[:, 1] / r[:, 0]).log()
+    return float((len(x) - 1) / log_mu.sum())
 
 
 def embedding_entropy(x, estimator="gaussian", eps=1e-6, k=3):
@@ -222,12 +250,10 @@ def alpha_req(x, fit_range=(0.0, 0.5)):
     hi = int(math.floor(fit_range[1] * r))
     if hi - lo + 1 < 3:
         return {"alpha": float("nan"), "r2": float("nan"), "fit_lo": lo, "fit_hi": hi}
-    k = torch.arange(lo, hi + 1, dtype=torch.float64)
-    lx, ly = k.log(), lam[lo - 1:hi].log()
-    slope = ((lx - lx.mean()) * (ly - ly.mean())).sum() / ((lx - lx.mean()) ** 2).sum()
-    resid = ly - (ly.mean() + slope * (lx - lx.mean()))
-    r2 = 1.0 - float((resid ** 2).sum() / ((ly - ly.mean()) ** 2).sum())
-    return {"alpha": float(-slope), "r2": r2, "fit_lo": lo, "fit_hi": hi}
+    from scipy import stats
+
+    fit = stats.linregress(np.log(np.arange(lo, hi + 1)), lam[lo - 1:hi].log().numpy())  # least squares, log-log
+    return {"alpha": float(-fit.slope), "r2": float(fit.rvalue ** 2), "fit_lo": lo, "fit_hi": hi}
 
 
 def lidar(views, delta=1e-4, eps=1e-8):
@@ -290,82 +316,71 @@ def correlation_report(metric, probe, skip_early=0):
 # CONFIG
 # ===============================================================================================================
 
+def _f(default, help, **check):
+    """A dataclass field with its --help text and the checks common.parse_args applies (choices=, range=)."""
+    return field(default=default, metadata={"help": help, **check})
+
+
 @dataclass
 class Args:
     # what to monitor
-    run_dir: str = field(default="", metadata={"help": "run directory (its *.pt files) or one checkpoint; may "
-                                                       "also be given as the first positional argument"})
-    out_dir: str = field(default="", metadata={"help": "where monitor.csv and the PNGs go ('' = the run dir)"})
-    data_dir: str = field(default="", metadata={"help": "dataset folder ('' = the checkpoint's own)"})
-    features: str = field(default="backbone", metadata={
-        "help": "backbone | projector | all. Which embedding the metrics see; projector = the method's embedding "
-                "(projector output, L2-normalised when the method normalises it). our choice: backbone, the "
-                "representation the probe measures"})
-    max_samples: int = field(default=5000, metadata={
-        "help": "unlabelled train images per checkpoint (a fixed class-stratified subset; 0 = all). Sets the "
-                "cost: O(N^2 D) for the silhouette and k-NN entropy"})
-    seed: int = field(default=0, metadata={"help": "seed of k-means, the silhouette subset and the augmentations"})
+    run_dir: str = _f("", "run directory (its *.pt files) or one checkpoint; may also be given as the first "
+                          "positional argument")
+    out_dir: str = _f("", "where monitor.csv and the PNGs go ('' = the run dir)")
+    data_dir: str = _f("", "dataset folder ('' = the checkpoint's own)")
+    features: str = _f("backbone", "which embedding the metrics see; projector = the method's embedding "
+                                   "(projector output, L2-normalised when the method normalises it). our choice: "
+                                   "backbone, the representation the probe measures",
+                       choices=("backbone", "projector", "all"))
+    max_samples: int = _f(5000, "unlabelled train images per checkpoint (a fixed class-stratified subset; 0 = "
+                                "all). Sets the cost: O(N^2 D) for the silhouette, k-NN entropy and TwoNN",
+                          range="[0, inf)")
+    seed: int = _f(0, "seed of k-means, the silhouette subset and the augmentations", range="[0, inf)")
     # label-free metrics (every default here is our choice: the paper does not give them)
-    n_clusters: int = field(default=0, metadata={"help": "k-means K (0 = the dataset's number of classes)"})
-    kmeans_n_init: int = field(default=3, metadata={"help": "k-means restarts (k-means++ init each)"})
-    pairing: str = field(default="views", metadata={
-        "help": "clustering agreement AMI(C1; C2): 'views' = clean images vs one augmented view of each, same "
-                "k-means seed; 'seeds' = the clean embeddings clustered with seeds seed and seed+1"})
-    view_scale: tuple[float, float] = field(default=(0.2, 1.0), metadata={
-        "help": "crop scale of the augmented views (views pairing and LiDAR); the rest is common.Augment's "
-                "SimCLR-style default (flip, jitter 0.4/0.4/0.4/0.1 p=0.8, grey 0.2)"})
-    silhouette_samples: int = field(default=5000, metadata={"help": "rows the silhouette is computed on"})
-    entropy: tuple[str, ...] = field(default=("gaussian", "knn"), metadata={
-        "help": "entropy estimators: gaussian (log-det) and/or knn (Kozachenko-Leonenko)"})
-    entropy_eps: float = field(default=1e-6, metadata={"help": "Gaussian entropy: eps I added to the covariance"})
-    knn_k: int = field(default=3, metadata={"help": "Kozachenko-Leonenko: the k-th neighbour distance"})
-    rankme_eps: float = field(default=1e-7, metadata={"help": "RankMe: eps added to the normalised singular vals"})
-    rankme_center: bool = field(default=False, metadata={"help": "RankMe on centred embeddings (paper: no)"})
-    alpha_fit_range: tuple[float, float] = field(default=(0.0, 0.5), metadata={
-        "help": "alpha-ReQ: fitted eigenvalue ranks as fractions of the numerical rank"})
-    lidar_images: int = field(default=1000, metadata={"help": "LiDAR: n images (surrogate classes); 0 = skip"})
-    lidar_views: int = field(default=4, metadata={"help": "LiDAR: q augmented views per image"})
-    lidar_delta: float = field(default=1e-4, metadata={"help": "LiDAR: delta I added to Sigma_w"})
+    n_clusters: int = _f(0, "k-means K (0 = the dataset's number of classes)", range="[0, inf)")
+    kmeans_n_init: int = _f(3, "k-means restarts (k-means++ init each)", range="[1, inf)")
+    pairing: str = _f("views", "clustering agreement AMI(C1; C2): 'views' = clean images vs one augmented view "
+                               "of each, same k-means seed; 'seeds' = the clean embeddings clustered with seeds "
+                               "seed and seed+1", choices=("views", "seeds"))
+    view_scale: tuple[float, float] = _f((0.2, 1.0), "crop scale of the augmented views (views pairing and "
+                                                     "LiDAR); the rest is common.Augment's SimCLR-style default "
+                                                     "(flip, jitter 0.4/0.4/0.4/0.1 p=0.8, grey 0.2)",
+                                         range="(0, 1]")
+    silhouette_samples: int = _f(5000, "rows the silhouette is computed on (0 = all)", range="[0, inf)")
+    entropy: tuple[str, ...] = _f(("gaussian", "knn"), "entropy estimators: gaussian (log-det) and/or knn "
+                                                       "(Kozachenko-Leonenko)", choices=("gaussian", "knn"))
+    entropy_eps: float = _f(1e-6, "Gaussian entropy: eps I added to the covariance", range="[0, inf)")
+    knn_k: int = _f(3, "Kozachenko-Leonenko: the k-th neighbour distance", range="[1, inf)")
+    rankme_eps: float = _f(1e-7, "RankMe: eps added to the normalised singular values", range="[0, inf)")
+    rankme_center: bool = _f(False, "RankMe on centred embeddings (paper: no)")
+    alpha_fit_range: tuple[float, float] = _f((0.0, 0.5), "alpha-ReQ: fitted eigenvalue ranks as fractions of "
+                                                          "the numerical rank", range="[0, 1]")
+    lidar_images: int = _f(1000, "LiDAR: n images (surrogate classes); 0 = skip", range="[0, inf)")
+    lidar_views: int = _f(4, "LiDAR: q augmented views per image", range="[2, inf)")
+    lidar_delta: float = _f(1e-4, "LiDAR: delta I added to Sigma_w", range="[0, inf)")
     # label-based references
-    probe: str = field(default="auto", metadata={
-        "help": "probe accuracy: auto (probe.csv in the run dir when it covers every checkpoint, else ridge) | "
-                "csv | ridge (closed-form linear probe) | knn (weighted 20-NN, cosine) | none"})
-    probe_csv: tuple[str, ...] = field(default=("linear:top1", "knn:top1_cosine_k20", "knn:top1"), metadata={
-        "help": "probe.csv rows to use as probe:metric, in order of preference"})
-    test_samples: int = field(default=5000, metadata={"help": "labelled test images for the fast probe and "
-                                                              "--analysis resa (0 = all)"})
-    ridge_lambda: float = field(default=1e-2, metadata={"help": "ridge probe: L2 penalty (standardised features)"})
-    skip_early: int = field(default=1, metadata={
-        "help": "correlations are also reported without the first N checkpoints (the paper: entropy is "
-                "unstable early in training)"})
-    # analyses of the method papers
-    analysis: tuple[str, ...] = field(default=(), metadata={"help": "resa and/or excb (see the docstring)"})
-    resa_split: str = field(default="test", metadata={"help": "resa: split the layers are analysed on"})
-    resa_metric: str = field(default="cosine", metadata={"help": "resa: silhouette distance (cosine | euclidean)"})
-    excb_samples: int = field(default=0, metadata={"help": "excb: train images assigned to clusters (0 = all, "
-                                                           "as the paper's Fig. 5)"})
-    excb_bn: str = field(default="eval", metadata={
-        "help": "excb: BatchNorm at inference: eval (running statistics; the paper's 'simple inference', our "
-                "reading) | batch (batch statistics, as the teacher runs in training). They differ most early: "
-                "at epoch 0 the running statistics have seen only the k-means passes"})
-    tsne_classes: int = field(default=10, metadata={"help": "excb: classes in the t-SNE picture (Fig. 7)"})
-    tsne_per_class: int = field(default=100, metadata={"help": "excb: images per class in the t-SNE picture"})
+    probe: str = _f("auto", "probe accuracy: auto (probe.csv in the run dir when it covers every checkpoint, "
+                            "else knn) | csv (probe.py's probe.csv) | knn (common.knn_accuracy: weighted 20-NN, "
+                            "cosine, T = 0.07, as probe.py's) | none", choices=("auto", "csv", "knn", "none"))
+    probe_csv: tuple[str, ...] = _f(("linear:top1", "knn:top1_cosine_k20", "knn:top1"),
+                                    "probe.csv rows to use as probe:metric, in order of preference")
+    test_samples: int = _f(5000, "labelled test images for the k-NN probe (0 = all)", range="[0, inf)")
+    skip_early: int = _f(1, "correlations are also reported without the first N checkpoints (the paper: "
+                            "entropy is unstable early in training)", range="[0, inf)")
     # system
-    batch_size: int = field(default=256, metadata={"help": "feature-extraction batch size"})
-    threads: int = field(default=1, metadata={
-        "help": "CPU threads for torch and scikit-learn (0 = their defaults). our choice: 1; on the shared 2-core "
-                "machine 2 threads made the metric set 6x slower (OpenMP spin-waiting)"})
-    workers: int = field(default=0, metadata={"help": "data-loader workers"})
-    precision: str = field(default="fp32", metadata={
-        "help": "feature extraction: fp32 (exact; the default on every device) | bf16 (faster on GPUs, but rounding "
-                "the embedding changes the very spectra and entropies these metrics measure; recorded in "
-                "monitor.csv)"})
-    cache_gb: float = field(default=2.0, metadata={"help": "keep each transformed image set (clean, views) in "
-                                                           "memory up to this size; 0 = redo per checkpoint"})
-    skip_damaged: bool = field(default=False, metadata={"help": "skip unreadable checkpoints with a warning "
-                                                                "instead of stopping"})
-    benchmark: int = field(default=0, metadata={
-        "help": "time the full metric set on N x 512 synthetic embeddings and exit (no run dir needed)"})
+    batch_size: int = _f(256, "feature-extraction batch size", range="[1, inf)")
+    threads: int = _f(1, "CPU threads for torch and scikit-learn (0 = their defaults). our choice: 1; on the "
+                         "shared 2-core machine 2 threads made the metric set 6x slower (OpenMP spin-waiting)",
+                      range="[0, inf)")
+    workers: int = _f(0, "data-loader workers", range="[0, inf)")
+    precision: str = _f("fp32", "feature extraction: fp32 (exact; the default on every device) | bf16 (faster "
+                                "on GPUs, but rounding the embedding changes the very spectra and entropies these "
+                                "metrics measure; recorded in monitor.csv)", choices=("fp32", "bf16"))
+    cache_gb: float = _f(2.0, "keep each transformed image set (clean, views) in memory up to this size; 0 = "
+                              "redo per checkpoint", range="[0, inf)")
+    skip_damaged: bool = _f(False, "skip unreadable checkpoints with a warning instead of stopping")
+    benchmark: int = _f(0, "time the full metric set on N x 512 synthetic embeddings and exit (no run dir "
+                           "needed; 0 = off)", range="[0, inf)")
 
 
 PRESETS = {
@@ -376,28 +391,33 @@ PRESETS = {
 
 # the metrics correlated with the probe accuracy and plotted (ami_gt is the paper's label-based reference)
 MONITORED = ("silhouette", "agreement", "entropy_gaussian", "entropy_knn", "rankme", "alpha_req", "lidar",
-             "ami_gt")
+             "intrinsic_dimension", "ami_gt")
+
+# flags of earlier versions, refused with the command that replaces them (nothing is silently ignored)
+_ANALYZE = "the paper analyses are subcommands of their method files now: python resa.py analyze RUN_DIR, " \
+           "python excb.py analyze RUN_DIR"
+MOVED = {"--analysis": _ANALYZE, "--resa-split": "use python resa.py analyze RUN_DIR --split",
+         "--resa-metric": "use python resa.py analyze RUN_DIR --metric",
+         "--excb-samples": "use python excb.py analyze RUN_DIR --samples",
+         "--excb-bn": "use python excb.py analyze RUN_DIR --bn",
+         "--tsne-classes": "use python excb.py analyze RUN_DIR --tsne-classes",
+         "--tsne-per-class": "use python excb.py analyze RUN_DIR --tsne-per-class",
+         "--ridge-lambda": "the ridge probe was removed: use --probe knn (common.knn_accuracy) or --probe csv"}
 
 
 def parse(argv=None):
-    """common.parse_args plus RUN_DIR as an optional first positional argument."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and not argv[0].startswith("-"):
-        argv = ["--run-dir", argv[0]] + argv[1:]
-    args = common.parse_args(Args, PRESETS, argv)
-    checks = [(args.features in ("backbone", "projector", "all"), "--features must be backbone, projector or all"),
-              (args.pairing in ("views", "seeds"), "--pairing must be views or seeds"),
-              (set(args.entropy) <= {"gaussian", "knn"}, "--entropy takes gaussian and/or knn"),
-              (args.probe in ("auto", "csv", "ridge", "knn", "none"),
-               "--probe must be auto, csv, ridge, knn or none"),
-              (set(args.analysis) <= {"resa", "excb", "none"}, "--analysis takes resa and/or excb"),
-              (args.resa_metric in ("cosine", "euclidean"), "--resa-metric must be cosine or euclidean"),
-              (args.resa_split in ("train", "test"), "--resa-split must be train or test"),
-              (args.excb_bn in ("eval", "batch"), "--excb-bn must be eval or batch"),
-              (args.run_dir or args.benchmark, "give a run directory: python monitor.py RUN_DIR")]
-    for ok, msg in checks:
-        if not ok:
-            sys.exit(f"error: {msg}")
+    """common.parse_args plus RUN_DIR as an optional first positional argument; removed flags are refused."""
+    argv = common.path_first(argv, "--run-dir")
+    for i, a in enumerate(argv):
+        flag, _, value = a.partition("=")
+        if flag in MOVED:
+            raise common.UsageError(f"argument {flag}: removed; {MOVED[flag]}")
+        if flag == "--probe" and (value or argv[i + 1 if i + 1 < len(argv) else i]) == "ridge":
+            raise common.UsageError("argument --probe: the ridge probe was removed; use --probe knn (weighted "
+                                    "20-NN, common.knn_accuracy) or --probe csv (run python probe.py RUN_DIR)")
+    args = common.parse_args(Args, PRESETS, argv, usage="python monitor.py RUN_DIR [--flag VALUE ...]")
+    if not (args.run_dir or args.benchmark):
+        raise common.UsageError("give a run directory: python monitor.py RUN_DIR")
     return args
 
 
@@ -422,14 +442,11 @@ def label_free_metrics(x, n_clusters, args, x_aug=None, views=None, timings=None
     s1 = timed("kmeans+silhouette", lambda: silhouette(x, c1, args.silhouette_samples or None, args.seed))
     out["silhouette"] = (s1, f"K={n_clusters}, euclidean")
     # Sec. "clustering agreement": AMI(C_1; C_2), C_2 from the augmented view or from a second k-means seed
-    if args.pairing == "views" and x_aug is not None:
-        ami = timed("agreement", lambda: clustering_agreement(x, x_aug, n_clusters, args.seed,
-                                                              n_init=args.kmeans_n_init, labels_a=c1))
-    else:
-        ami = timed("agreement", lambda: clustering_agreement(x, x, n_clusters, args.seed, args.seed + 1,
-                                                              args.kmeans_n_init, labels_a=c1))
-    pairing = "views" if args.pairing == "views" and x_aug is not None else "seeds"
-    out["agreement"] = (ami, f"AMI, pairing={pairing}, K={n_clusters}")
+    views_pairing = args.pairing == "views" and x_aug is not None
+    x_b, seed_b = (x_aug, args.seed) if views_pairing else (x, args.seed + 1)
+    ami = timed("agreement", lambda: clustering_agreement(x, x_b, n_clusters, args.seed, seed_b,
+                                                          args.kmeans_n_init, labels_a=c1))
+    out["agreement"] = (ami, f"AMI, pairing={'views' if views_pairing else 'seeds'}, K={n_clusters}")
     if "gaussian" in args.entropy:
         out["entropy_gaussian"] = (timed("entropy_gaussian", lambda: embedding_entropy(
             x, "gaussian", eps=args.entropy_eps)), f"nats, eps={args.entropy_eps:g}")
@@ -444,33 +461,9 @@ def label_free_metrics(x, n_clusters, args, x_aug=None, views=None, timings=None
     if views is not None:
         out["lidar"] = (timed("lidar", lambda: lidar(views, args.lidar_delta)),
                         f"n={views.shape[0]}, q={views.shape[1]}, delta={args.lidar_delta:g}")
+    out["intrinsic_dimension"] = (timed("intrinsic_dimension", lambda: intrinsic_dimension(x)),
+                                  "TwoNN MLE, duplicates removed")
     return out, c1
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Fast probes (used when probe.py's probe.csv does not cover the run; accuracies in percent like probe.py's)
-# ---------------------------------------------------------------------------------------------------------------
-
-def ridge_probe(train_x, train_y, test_x, test_y, lam=1e-2):
-    """Closed-form linear probe: least squares onto one-hot targets with an L2 penalty, on features standardised
-    with the train statistics; top-1 accuracy (%). our choice: deterministic and ~0.1 s, so it runs at every
-    checkpoint; it tracks, but is usually a few points below, a trained softmax probe."""
-    mu, sd = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
-    a = torch.cat([(train_x - mu) / sd, torch.ones(len(train_x), 1)], 1).double()  # (N, D+1), bias column
-    b = torch.cat([(test_x - mu) / sd, torch.ones(len(test_x), 1)], 1).double()
-    y = F.one_hot(train_y, int(max(train_y.max(), test_y.max())) + 1).double()  # (N, C)
-    reg = lam * len(a) * torch.eye(a.shape[1], dtype=a.dtype)
-    w = torch.linalg.solve(a.T @ a + reg, a.T @ y)  # (D+1, C)
-    return 100.0 * float(((b @ w).argmax(1) == test_y).double().mean())
-
-
-def knn_probe(train_x, train_y, test_x, test_y, k=20, temperature=0.07):
-    """Weighted k-NN (DINO): cosine similarity, the k nearest vote with weight exp(sim / T); top-1 (%)."""
-    tr, te = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
-    sim, idx = (te @ tr.T).topk(min(k, len(tr)), dim=1)  # (M, k)
-    votes = torch.zeros(len(te), int(max(train_y.max(), test_y.max())) + 1)
-    votes.scatter_add_(1, train_y[idx], (sim / temperature).exp())
-    return 100.0 * float((votes.argmax(1) == test_y).float().mean())
 
 
 def read_probe_csv(path, preference, dataset=None):
@@ -512,22 +505,6 @@ class _Views(torch.utils.data.Dataset):
         return self.transform(image), label
 
 
-def projector_layers(projector):
-    """ReSA's layers of a projector nn.Sequential: [(name, module)], the hidden layers P0, P1, ... (the output
-    of each activation) and the embedding (the whole projector)."""
-    acts = [i for i, m in enumerate(projector) if isinstance(m, (nn.ReLU, nn.GELU))]
-    return [(f"proj_hidden{j}", projector[:i + 1]) for j, i in enumerate(acts)] + [("embedding", projector)]
-
-
-@torch.inference_mode()
-def apply_head(head, h, normalize=False, batch=4096):
-    """(N, D) backbone features -> head output (N, D'), in eval mode, in batches, on the head's device."""
-    head.eval()
-    device = next(head.parameters()).device if any(True for _ in head.parameters()) else torch.device("cpu")
-    out = torch.cat([head(h[i:i + batch].to(device)).float().cpu() for i in range(0, len(h), batch)])
-    return F.normalize(out, dim=1) if normalize else out
-
-
 class Data:
     """The run's images, built once from the first checkpoint (every checkpoint of a run shares its dataset).
 
@@ -546,10 +523,6 @@ class Data:
         return torch.utils.data.DataLoader(ds, batch_size=self.args.batch_size, num_workers=self.args.workers)
 
     def loader(self, split, subset, kind="clean", n_views=1, n_images=None, seed=0):
-        if subset and ("full", split) not in self._loaders:
-            self._loaders[("full", split)] = len(common.eval_loader(self.meta, split, self.data_dir).dataset)
-        if subset and subset >= self._loaders[("full", split)]:
-            subset = 0  # a subset as large as the split is the split: share its loader and cache
         key = (split, subset, kind, n_views, n_images, seed)
         if key not in self._loaders:
             loader = common.eval_loader(self.meta, split, self.data_dir, self.args.batch_size, self.args.workers,
@@ -568,11 +541,7 @@ class Data:
                         x, y = zip(*loader)
                 finally:
                     torch.set_num_threads(threads)
-                ds = torch.utils.data.TensorDataset(torch.cat(x), torch.cat(y))
-                for attr in ("classes", "coarse_targets"):  # what the analyses read from the dataset
-                    if hasattr(loader.dataset, attr):
-                        setattr(ds, attr, getattr(loader.dataset, attr))
-                loader = self._dl(ds)
+                loader = self._dl(torch.utils.data.TensorDataset(torch.cat(x), torch.cat(y)))
             self._loaders[key] = loader
         return self._loaders[key]
 
@@ -587,8 +556,10 @@ def embed(backbone, heads, loader, device, feature_sets, seed=0, precision="fp32
         torch.manual_seed(seed)
         h, y = common.extract_features(backbone, loader, device, precision)
     out = {"backbone": h}
-    if "projector" in feature_sets:
-        out["projector"] = apply_head(heads["projector"], h, bool(heads.get("normalize_output", False)))
+    if "projector" in feature_sets:  # the head on the backbone features, in eval mode, on the head's device
+        with torch.inference_mode():
+            z = heads["projector"].eval()(h.to(device)).float().cpu()  # (N, D')
+        out["projector"] = F.normalize(z, dim=1) if heads.get("normalize_output") else z
     return out, y
 
 
@@ -596,13 +567,8 @@ def load_checkpoint(path, device):
     """-> (backbone on device, heads on device, meta) from one file, read once."""
     ckpt = common.load_checkpoint(path)
     backbone, meta = common.load_backbone(ckpt)
-    heads = common.load_heads(ckpt)
-    meta["path"] = str(path)
-    del ckpt
-    for k, v in heads.items():
-        if isinstance(v, nn.Module):
-            heads[k] = v.to(device)
-    return backbone.to(device), heads, meta
+    heads = {k: v.to(device) if isinstance(v, nn.Module) else v for k, v in common.load_heads(ckpt).items()}
+    return backbone.to(device), heads, {**meta, "path": str(path)}
 
 
 def validate_checkpoints(paths, skip_damaged):
@@ -622,69 +588,6 @@ def validate_checkpoints(paths, skip_damaged):
     if not good:
         raise common.CheckpointError(f"no readable checkpoint among {len(paths)} file(s) in {paths[0].parent}")
     return good, metas
-
-
-# ===============================================================================================================
-# ANALYSES of the method papers
-# ===============================================================================================================
-
-def resa_layer_metrics(x, labels, n_classes, seed, metric="cosine", n_init=3):
-    """ReSA's clustering properties of one layer (paper Sec. "clustering properties", Fig. 3):
-    silhouette coefficient with the ground-truth classes as clusters, mean (SC_mean, local quality) and standard
-    deviation over images (SC_std, stability), and the adjusted Rand index of k-means (K = n_classes) against
-    the classes (ARI, global quality).
-    our choice (the paper's procedure is not readable here): features L2-normalised when metric == "cosine",
-    so k-means and the silhouette see the geometry the SSL losses use; k-means n_init restarts, seeded."""
-    from sklearn.metrics import adjusted_rand_score, silhouette_samples
-
-    x = F.normalize(x.float(), dim=1) if metric == "cosine" else x.float()
-    sc = silhouette_samples(_np32(x), labels.numpy(), metric=metric)
-    ari = adjusted_rand_score(labels.numpy(), kmeans_labels(x, n_classes, seed, n_init))
-    return {"sc_mean": float(sc.mean()), "sc_std": float(sc.std()), "ari": float(ari)}
-
-
-def cluster_sizes(emb, centroids):
-    """ExCB Appendix A (Fig. 5): hard assignment of every image to its most similar centroid by plain inference
-    (no balancing operator), Eq. (1)-(3): z = cos(h(f(x)), c_k). emb (N, D), centroids (K, D) -> counts (K,)."""
-    z = F.normalize(emb.float(), dim=1) @ F.normalize(centroids.float(), dim=1).T  # (N, K) cosine
-    return torch.bincount(z.argmax(1), minlength=len(centroids))
-
-
-@torch.no_grad()
-def batch_stats_features(backbone, projector, loader, device):
-    """(h o f)(x) with BatchNorm in train mode (batch statistics), as ExCB's teacher runs during training.
-    The models are reloaded per checkpoint, so the running statistics this updates are never used."""
-    backbone.train(), projector.train()
-    out, ys = [], []
-    for x, y in loader:
-        out.append(projector(backbone(x.to(device))).float().cpu())
-        ys.append(torch.as_tensor(y))
-    backbone.eval(), projector.eval()
-    return torch.cat(out), torch.cat(ys).long()
-
-
-def cluster_size_summary(counts):
-    """Relative sizes N_c K / N (1 = the balanced size), sorted descending, and their summary."""
-    k, n = len(counts), int(counts.sum())
-    rel = (counts.double() * k / n).sort(descending=True).values
-    empty = int((counts == 0).sum())
-    return rel, {"K": k, "N": n, "empty": empty, "empty_frac": empty / k, "max_rel_size": float(rel[0]),
-                 "median_rel_size": float(rel.median()), "q10_rel_size": float(rel.quantile(0.1)),
-                 "q90_rel_size": float(rel.quantile(0.9))}
-
-
-def resa_analysis(h, heads, granularities, args):
-    """resa_layer_metrics for the encoder output h (N, D), each projector hidden layer and the embedding, at each
-    granularity [(name, labels (N,))] -> rows {layer, granularity, n, sc_mean, sc_std, ari}."""
-    layers = [("encoder", h)]
-    if "projector" in heads:
-        norm_out = bool(heads.get("normalize_output", False))
-        layers += [(name, apply_head(mod, h, norm_out and name == "embedding"))
-                   for name, mod in projector_layers(heads["projector"])]
-    return [{"layer": layer, "granularity": gran, "n": len(labels),
-             **resa_layer_metrics(x, labels, len(torch.unique(labels)), args.seed, args.resa_metric,
-                                  args.kmeans_n_init)}
-            for gran, labels in granularities for layer, x in layers]
 
 
 # ===============================================================================================================
@@ -738,105 +641,29 @@ def plot_vs_probe(series, probe, epochs, corr, title, path):
     plt.close(fig)
 
 
-def plot_resa(rows, title, path):
-    """ReSA Fig. 3 style: SC_mean, SC_std and ARI against epoch, one line per layer, one row per granularity."""
-    grans = sorted({r["granularity"] for r in rows}, key=["fine", "coarse"].index)
-    layers = list(dict.fromkeys(r["layer"] for r in rows))
-    plt, fig, axes = _grid(3 * len(grans), ncols=3)
-    for g, gran in enumerate(grans):
-        for j, key in enumerate(("sc_mean", "sc_std", "ari")):
-            ax = axes[3 * g + j]
-            for layer in layers:
-                pts = [(r["epoch"], r[key]) for r in rows if r["layer"] == layer and r["granularity"] == gran]
-                ax.plot(*zip(*pts), "o-", ms=3, label=layer)
-            ax.set_title(f"{key} ({gran} labels)", fontsize=9)
-            ax.set_xlabel("epoch", fontsize=8)
-            ax.tick_params(labelsize=7)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_cluster_sizes(sizes, summary, path):
-    """ExCB Fig. 5: clusters sorted by relative size N_c K / N, the balanced size 1 and the empty clusters
-    marked; one curve per checkpoint (colour = epoch), the summary of the last in the title."""
-    plt, fig, axes = _grid(1, size=6.0)
-    ax = axes[0]
-    cmap = plt.get_cmap("viridis")
-    epochs = sorted(sizes)
-    for i, e in enumerate(epochs):
-        rel = sizes[e].numpy()
-        ax.plot(np.arange(1, len(rel) + 1), rel, color=cmap(i / max(len(epochs) - 1, 1)), lw=1.2,
-                label=f"epoch {e}")
-    s = summary
-    if s["empty"]:
-        ax.axvspan(s["K"] - s["empty"] + 0.5, s["K"] + 0.5, color="red", alpha=0.12,
-                   label=f"empty (last): {s['empty']}")
-    ax.axhline(1.0, color="k", ls="--", lw=0.8, label="balanced size 1")
-    ax.set_yscale("symlog", linthresh=1.0)  # linear in [0, 1] (under-used clusters), log above (over-used)
-    ax.set_ylim(0, 1.5 * max(float(r[0]) for r in sizes.values()))
-    ax.set_xlabel("cluster (sorted by size)")
-    ax.set_ylabel("relative size N_c K / N (symlog)")
-    ax.set_title(f"epoch {epochs[-1]}: K={s['K']}, N={s['N']}, {s['empty']} empty ({100 * s['empty_frac']:.1f}%), "
-                 f"largest {s['max_rel_size']:.1f}", fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_tsne(emb, labels, class_names, seed, title, path):
-    """ExCB Fig. 7: scikit-learn t-SNE of the projector features (h o f)(x) of a few classes."""
-    from sklearn.manifold import TSNE
-
-    perplexity = float(min(30.0, max(2.0, (len(emb) - 1) / 3)))
-    xy = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(_np32(emb))
-    plt, fig, axes = _grid(1, size=6.0)
-    ax = axes[0]
-    for c in np.unique(labels):
-        m = labels == c
-        ax.scatter(xy[m, 0], xy[m, 1], s=6, label=class_names[c] if class_names else str(c))
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, markerscale=2, loc="best")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # ===============================================================================================================
 # MAIN: every checkpoint -> monitor.csv, correlations, plots
 # ===============================================================================================================
-
-def write_csv(path, rows, columns):
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns)
-        w.writeheader()
-        for r in rows:
-            w.writerow({c: r.get(c, "") for c in columns})
-
 
 def report(rows, paths, epochs, feature_sets, probe_note, skip_early, title, out):
     """Correlation of every monitored metric with the probe accuracy (all checkpoints, and without the first
     `skip_early`), monitor_correlations.csv and the two figures per feature set. -> (rows, files written)."""
     names = [p.name for p in paths]
+    table = {(r["checkpoint"], r["features"], r["metric"]): r["value"] for r in rows}
 
-    def series_of(metric, features):
-        return [next((r["value"] for r in rows if r["checkpoint"] == c and r["features"] == features
-                      and r["metric"] == metric), float("nan")) for c in names]
+    def series_of(metric, features):  # one value per checkpoint, NaN where it was not computed
+        return [table.get((c, features, metric), float("nan")) for c in names]
 
     probe = series_of("probe_acc", "backbone")
     corr_rows, written = [], []
     for fs in feature_sets:
-        series = {m: series_of(m, fs) for m in MONITORED
-                  if any(r["metric"] == m and r["features"] == fs for r in rows)}
+        series = {m: series_of(m, fs) for m in MONITORED if any(k[1:] == (fs, m) for k in table)}
         corr = {}
         for m, vals in series.items():
             for skip in sorted({0, skip_early}):
                 c = correlation_report(vals, probe, skip)
-                kind = "label-based" if m == "ami_gt" else "label-free"
-                corr_rows.append({"features": fs, "metric": m, "kind": kind,
-                                  "skip_early": skip, **c})
+                corr_rows.append({"features": fs, "metric": m, "kind": "label-based" if m == "ami_gt" else
+                                  "label-free", "skip_early": skip, **c})
                 corr.setdefault(m, c)
         fig_title = f"{title}: {fs} features, {len(names)} checkpoints"
         has_probe = bool(np.isfinite(probe).any())
@@ -847,8 +674,8 @@ def report(rows, paths, epochs, feature_sets, probe_note, skip_early, title, out
             plot_vs_probe(series, probe, epochs, corr, f"{fig_title}; probe: {probe_note}",
                           out / f"monitor_probe_{fs}.png")
             written.append(f"monitor_probe_{fs}.png")
-    write_csv(out / "monitor_correlations.csv", corr_rows,
-              ["features", "metric", "kind", "skip_early", "n", "pearson", "spearman", "kendall"])
+    common.write_csv(out / "monitor_correlations.csv", corr_rows,
+                     ["features", "metric", "kind", "skip_early", "n", "pearson", "spearman", "kendall"])
     return corr_rows, written + ["monitor_correlations.csv"]
 
 
@@ -879,40 +706,35 @@ def benchmark(args):
     return timings
 
 
-@contextlib.contextmanager
-def limited_threads(n):
-    """torch's and the BLAS/OpenMP pools scikit-learn uses (k-means) limited to n threads, restored on exit
-    (tests call main() in-process); n = 0 leaves them."""
-    if n <= 0:
-        yield
-        return
-    from threadpoolctl import threadpool_limits
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        with threadpool_limits(limits=n):
-            yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def main(argv=None):
     args = parse(argv)
-    with limited_threads(args.threads):
+    with common.cpu_threads(args.threads):
         if args.benchmark:
             benchmark(args)
         else:
             monitor_run(args)
 
 
+def probe_source(args, run_dir, dataset, epochs):
+    """Where the probe accuracy comes from: -> (mode csv | knn | none, {epoch: accuracy} from probe.csv, note).
+    auto = probe.py's probe.csv when it covers every checkpoint, else the k-NN probe on each checkpoint."""
+    csv_acc, csv_name = read_probe_csv(run_dir / "probe.csv", args.probe_csv, dataset)
+    mode = args.probe
+    if mode == "auto":
+        mode = "csv" if csv_acc and all(e in csv_acc for e in epochs) else "knn"
+    if mode == "csv" and not csv_acc:
+        raise common.UsageError(f"--probe csv: no row of {list(args.probe_csv)} in {run_dir / 'probe.csv'}; run "
+                                f"`python probe.py {run_dir}` first or use --probe knn")
+    note = {"csv": f"probe.csv {csv_name}", "knn": "k-NN probe (common.knn_accuracy: cosine, k=20, T=0.07)",
+            "none": ""}[mode]
+    return mode, csv_acc, note
+
+
 def monitor_run(args):
-    """Every checkpoint of args.run_dir -> monitor.csv, correlations, plots (and the analyses asked for)."""
+    """Every checkpoint of args.run_dir -> monitor.csv, correlations, plots."""
     t_start = time.perf_counter()
-    if args.precision not in ("fp32", "bf16"):
-        raise SystemExit(f"error: --precision takes fp32 | bf16, got {args.precision!r}")
     paths, metas = validate_checkpoints(common.list_checkpoints(args.run_dir), args.skip_damaged)
-    run_dir = Path(args.run_dir) if Path(args.run_dir).is_dir() else Path(args.run_dir).parent
+    run_dir = common.run_dir_of(args.run_dir)
     out = Path(args.out_dir) if args.out_dir else run_dir
     out.mkdir(parents=True, exist_ok=True)
     device = common.select_device()
@@ -922,32 +744,19 @@ def monitor_run(args):
     # which embeddings: projector only when every checkpoint stores one
     has_proj = all("projector" in m["heads"] for m in metas)
     if args.features == "projector" and not has_proj:
-        raise SystemExit(f"error: --features projector needs checkpoints with a 'projector' head; "
-                         f"{paths[0]} stores {meta0['heads'] or 'no heads'}")
+        raise common.UsageError(f"--features projector needs checkpoints with a 'projector' head; "
+                                f"{paths[0]} stores {meta0['heads'] or 'no heads'}")
     feature_sets = {"backbone": ["backbone"], "projector": ["projector"],
                     "all": ["backbone"] + (["projector"] if has_proj else [])}[args.features]
-    if "excb" in args.analysis and not all({"projector", "centroids"} <= set(m["heads"]) for m in metas):
-        raise SystemExit(f"error: --analysis excb needs heads 'projector' and 'centroids' (ExCB checkpoints); "
-                         f"{paths[0]} stores {meta0['heads'] or 'no heads'}")
-
-    # probe accuracy: probe.py's results when they cover the run (auto), else a fast probe
     epochs = [int(m["epoch"]) for m in metas]
-    csv_acc, csv_name = read_probe_csv(run_dir / "probe.csv", args.probe_csv, meta0["data"]["dataset"])
-    probe_mode = args.probe
-    if probe_mode == "auto":
-        probe_mode = "csv" if csv_acc and all(e in csv_acc for e in epochs) else "ridge"
-    if probe_mode == "csv" and not csv_acc:
-        raise SystemExit(f"error: --probe csv: no row of {list(args.probe_csv)} in {run_dir / 'probe.csv'}; "
-                         f"run `python probe.py {run_dir}` first or use --probe ridge")
-    probe_note = {"csv": f"probe.csv {csv_name}", "ridge": f"ridge probe, lambda={args.ridge_lambda:g}",
-                  "knn": "weighted 20-NN probe", "none": ""}[probe_mode]
+    probe_mode, csv_acc, probe_note = probe_source(args, run_dir, meta0["data"]["dataset"], epochs)
 
-    rows, resa_rows, excb_rows, excb_sizes, n_used = [], [], [], {}, {}
-    last_excb = None
+    rows, n_used = [], {}
     for path, meta in zip(paths, metas):
         t0 = time.perf_counter()
         backbone, heads, meta = load_checkpoint(path, device)
         epoch, method = int(meta["epoch"]), meta["method"]
+
         def add(features, metric, value, note=""):
             rows.append({"checkpoint": path.name, "epoch": epoch, "method": method, "features": features,
                          "precision": args.precision, "metric": metric, "value": value, "note": note})
@@ -976,51 +785,21 @@ def monitor_run(args):
                     f"AMI vs labels, K={n_clusters}")
         n_used = {"train": len(y), "lidar_images": 0 if v is None else v.shape[0]}
 
-        test = None
-        resa_on_test = "resa" in args.analysis and args.resa_split == "test"
-        if labelled and (probe_mode in ("ridge", "knn") or resa_on_test):
-            try:
-                test = embed(backbone, heads, data.loader("test", args.test_samples), device, feature_sets,
-                             precision=args.precision)
-                n_used["test"] = len(test[1])
-            except common.DatasetNotFoundError as e:  # e.g. an ImageFolder without val/: no fast probe
-                print(f"warning: no labelled test split, so no fast probe and no test-split analysis ({e})",
-                      file=sys.stderr)
+        acc = float("nan")
         if probe_mode == "csv":
             acc = csv_acc.get(epoch, float("nan"))
             if epoch not in csv_acc:
-                print(f"warning: probe.csv has no {csv_name} row for epoch {epoch}", file=sys.stderr)
-        elif probe_mode in ("ridge", "knn") and test is not None:
-            fn = ridge_probe if probe_mode == "ridge" else knn_probe
-            kw = {"lam": args.ridge_lambda} if probe_mode == "ridge" else {}
-            acc = fn(train["backbone"], y, test[0]["backbone"], test[1], **kw)
-        else:
-            acc = float("nan")
+                print(f"warning: probe.csv has no {probe_note} row for epoch {epoch}", file=sys.stderr)
+        elif probe_mode == "knn" and labelled:
+            try:
+                test_x, test_y = embed(backbone, heads, data.loader("test", args.test_samples), device,
+                                       ["backbone"], precision=args.precision)
+                acc = common.knn_accuracy(train["backbone"], y, test_x["backbone"], test_y)
+                n_used["test"] = len(test_y)
+            except common.DatasetNotFoundError as e:  # e.g. an ImageFolder without val/: no k-NN probe
+                print(f"warning: no labelled test split, so no k-NN probe ({e})", file=sys.stderr)
         if probe_mode != "none":
             add("backbone", "probe_acc", acc, probe_note)
-
-        if "resa" in args.analysis and labelled and (args.resa_split == "train" or test is not None):
-            feats, yy = (train, y) if args.resa_split == "train" else test
-            ds = data.loader(args.resa_split, args.test_samples if resa_on_test else args.max_samples)
-            grans = [("fine", yy)] + ([("coarse", ds.dataset.coarse_targets)]
-                                      if hasattr(ds.dataset, "coarse_targets") else [])
-            resa_rows += [{"checkpoint": path.name, "epoch": epoch, "split": args.resa_split, **r}
-                          for r in resa_analysis(feats["backbone"], heads, grans, args)]
-
-        if "excb" in args.analysis:
-            loader = data.loader("train", args.excb_samples)
-            if args.excb_bn == "batch":
-                raw, ey = batch_stats_features(backbone, heads["projector"], loader, device)
-            else:
-                if loader is data.loader("train", args.max_samples):
-                    h, ey = train["backbone"], y
-                else:
-                    h, ey = common.extract_features(backbone, loader, device, args.precision)
-                raw = apply_head(heads["projector"], h)  # (h o f)(x): the projector output, not normalised
-            rel, summary = cluster_size_summary(cluster_sizes(raw, heads["centroids"].cpu()))
-            excb_sizes[epoch] = rel
-            excb_rows.append({"checkpoint": path.name, "epoch": epoch, **summary})
-            last_excb = (raw, ey, epoch)
 
         line = " ".join(f"{r['features'][0]}/{r['metric']}={r['value']:.4g}" for r in rows
                         if r["checkpoint"] == path.name and r["metric"] in MONITORED + ("probe_acc",))
@@ -1028,32 +807,11 @@ def monitor_run(args):
         del backbone, heads
 
     # ---- correlations with the probe accuracy across checkpoints, plots -----------------------------------------
-    write_csv(out / "monitor.csv", rows, ["checkpoint", "epoch", "method", "features", "precision", "metric", "value",
-                                          "note"])
+    common.write_csv(out / "monitor.csv", rows, ["checkpoint", "epoch", "method", "features", "precision", "metric",
+                                                 "value", "note"])
     corr_rows, written = report(rows, paths, epochs, feature_sets, probe_note, args.skip_early,
                                 f"{metas[-1]['method']} {run_dir.name}", out)
     written = ["monitor.csv"] + written
-
-    if resa_rows:
-        write_csv(out / "resa.csv", resa_rows, ["checkpoint", "epoch", "layer", "granularity", "split", "n",
-                                               "sc_mean", "sc_std", "ari"])
-        plot_resa(resa_rows, f"{metas[-1]['method']} {run_dir.name}: ReSA clustering properties "
-                             f"({args.resa_split} split, {args.resa_metric})", out / "monitor_resa.png")
-        written += ["resa.csv", "monitor_resa.png"]
-    if excb_rows:
-        write_csv(out / "excb.csv", excb_rows, list(excb_rows[0]))
-        plot_cluster_sizes(excb_sizes, excb_rows[-1], out / "monitor_excb_sizes.png")
-        raw, ey, e = last_excb
-        classes = torch.unique(ey)[:args.tsne_classes]
-        g = torch.Generator().manual_seed(args.seed)
-        pick = torch.cat([torch.nonzero(ey == c).flatten()[torch.randperm(int((ey == c).sum()), generator=g)]
-                          [:args.tsne_per_class] for c in classes])
-        names = getattr(data.loader("train", args.excb_samples).dataset, "classes", None)
-        plot_tsne(raw[pick], ey[pick].numpy(), names, args.seed,
-                  f"{metas[-1]['method']} epoch {e}: t-SNE of projector features, {len(classes)} classes (train)",
-                  out / "monitor_excb_tsne.png")
-        written += ["excb.csv", "monitor_excb_sizes.png", "monitor_excb_tsne.png"]
-
     config = {"args": asdict(args), "checkpoints": [str(p) for p in paths], "epochs": epochs,
               "features": feature_sets, "probe": probe_note, "samples": n_used, "device": str(device),
               "seconds": round(time.perf_counter() - t_start, 1)}
@@ -1066,7 +824,7 @@ def monitor_run(args):
     else:
         print(f"[monitor] correlation with the probe accuracy ({probe_note}) across {len(epochs)} checkpoints:")
     for c in corr_rows:
-        print(f"  {c['features']:<9s} {c['metric']:<17s} skip {c['skip_early']}: n={c['n']} r={c['pearson']:.3f} "
+        print(f"  {c['features']:<9s} {c['metric']:<19s} skip {c['skip_early']}: n={c['n']} r={c['pearson']:.3f} "
               f"rho={c['spearman']:.3f} tau={c['kendall']:.3f}")
     print(f"[monitor] wrote {', '.join(written)} to {out} in {time.perf_counter() - t_start:.1f} s")
 

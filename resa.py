@@ -448,5 +448,95 @@ def main(argv=None):
     stop.close()
     common.cleanup_distributed()
 
+
+# ===================================== THE PAPER'S MEASUREMENTS: clustering per layer (Fig. 3) =========
+# Sec. "clustering properties", Fig. 3: for the encoder output H, every hidden layer of the projector (the
+# output of each activation: the stored nn.Sequential is sliced) and the embedding Z, at every checkpoint: the
+# silhouette coefficient with the ground-truth classes as clusters, its mean over images (SC_mean, local cluster
+# quality) and standard deviation (SC_std, stability), and the adjusted Rand index of k-means (K = number of
+# classes) against the classes (ARI, global quality); fine labels, and CIFAR-100's 20 superclasses as "coarse".
+# our choice (the paper's procedure is not readable here): the test split; features L2-normalised for the cosine
+# metric, so k-means and the silhouette see the geometry the loss uses; k-means with 3 seeded restarts.
+def layer_properties(x, labels, metric="cosine", seed=0, n_init=3):
+    """SC_mean, SC_std and ARI of one layer's features x (N, D) against class labels (N,) -> dict."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score, silhouette_samples
+
+    x = (F.normalize(x.float(), dim=1) if metric == "cosine" else x.float()).numpy()
+    sc = silhouette_samples(x, labels.numpy(), metric=metric)  # (N,)
+    kmeans = KMeans(len(torch.unique(labels)), n_init=n_init, random_state=seed)
+    ari = adjusted_rand_score(labels.numpy(), kmeans.fit_predict(x))
+    return {"sc_mean": float(sc.mean()), "sc_std": float(sc.std()), "ari": float(ari)}
+
+
+def analyze(argv):
+    """`python resa.py analyze RUN_DIR`: ReSA's clustering properties of every layer at every checkpoint
+    (Fig. 3) -> resa.csv (checkpoint, epoch, layer, granularity, split, n, sc_mean, sc_std, ari) and
+    monitor_resa.png."""
+    import argparse
+    from pathlib import Path
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    p = argparse.ArgumentParser(prog="resa.py analyze", description=analyze.__doc__)
+    p.add_argument("run", help="run directory (every *.pt, in epoch order) or one checkpoint")
+    p.add_argument("--out-dir", default="", help="where the outputs go (default: the run directory)")
+    p.add_argument("--split", choices=("test", "train"), default="test", help="split analysed")
+    p.add_argument("--samples", type=int, default=5000, help="class-stratified subset of the split (0 = all)")
+    p.add_argument("--metric", choices=("cosine", "euclidean"), default="cosine", help="silhouette distance")
+    p.add_argument("--n-init", type=int, default=3, help="k-means restarts (k-means++ init each)")
+    p.add_argument("--seed", type=int, default=0, help="k-means seed")
+    p.add_argument("--data-dir", default=None, help="override the data directory stored in the checkpoints")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (0 = the defaults)")
+    a = p.parse_args(argv)
+    out = Path(a.out_dir) if a.out_dir else common.run_dir_of(a.run)
+    out.mkdir(parents=True, exist_ok=True)
+    device, rows, loader = common.select_device(), [], None
+    with common.cpu_threads(a.threads):
+        for path in common.list_checkpoints(a.run):
+            ckpt = common.load_checkpoint(path)
+            (backbone, meta), heads = common.load_backbone(ckpt), common.load_heads(ckpt)
+            loader = loader or common.eval_loader(meta, a.split, a.data_dir, a.batch_size, a.workers, a.samples)
+            h, y = common.extract_features(backbone.to(device), loader, device)  # (N, D) encoder output H
+            layers, proj = [("encoder", h)], heads.get("projector")
+            if proj is not None:
+                with torch.no_grad():
+                    acts = [i for i, m in enumerate(proj.eval()) if isinstance(m, (nn.ReLU, nn.GELU))]
+                    layers += [(f"proj_hidden{j}", proj[:i + 1](h)) for j, i in enumerate(acts)]
+                    z = proj(h)  # (N, d) embedding Z
+                layers.append(("embedding", F.normalize(z, dim=1) if heads.get("normalize_output") else z))
+            coarse = getattr(loader.dataset, "coarse_targets", None)
+            for gran, labels in [("fine", y)] + ([("coarse", coarse)] if coarse is not None else []):
+                rows += [{"checkpoint": path.name, "epoch": int(meta["epoch"]), "layer": layer,
+                          "granularity": gran, "split": a.split, "n": len(labels),
+                          **layer_properties(x, labels, a.metric, a.seed, a.n_init)} for layer, x in layers]
+            common.print0(f"{path.name}: " + " ".join(f"{r['layer']}/{r['granularity']} sc_mean "
+                                                      f"{r['sc_mean']:.3f} ari {r['ari']:.3f}"
+                                                      for r in rows if r["checkpoint"] == path.name))
+    common.write_csv(out / "resa.csv", rows, list(rows[0]))
+    grans, layers = (list(dict.fromkeys(r[k] for r in rows)) for k in ("granularity", "layer"))
+    fig, axes = plt.subplots(len(grans), 3, figsize=(11, 3.2 * len(grans)), squeeze=False)
+    for g, gran in enumerate(grans):
+        for j, key in enumerate(("sc_mean", "sc_std", "ari")):
+            for layer in layers:
+                pts = [(r["epoch"], r[key]) for r in rows if r["layer"] == layer and r["granularity"] == gran]
+                axes[g, j].plot(*zip(*pts), "o-", ms=3, label=layer)
+            axes[g, j].set(title=f"{key} ({gran} labels)", xlabel="epoch")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(f"{meta['method']} {out.name}: ReSA clustering properties ({a.split} split, {a.metric})")
+    fig.tight_layout()
+    fig.savefig(out / "monitor_resa.png", dpi=110)
+    common.print0(f"wrote resa.csv and monitor_resa.png to {out}")
+
+
 if __name__ == "__main__":
-    common.run(main)
+    import sys
+
+    if sys.argv[1:2] == ["analyze"]:
+        common.run(lambda: analyze(sys.argv[2:]))
+    else:
+        common.run(main)

@@ -36,7 +36,7 @@ done
 
 # 3. the papers' own analyses: the CL-vs-NSCL gap (NSCL paper, Fig. 2) and ExCB's cluster sizes (Fig. 5)
 $PY simclr_nscl.py eval-gap "$OUT/simclr" "$OUT/nscl" --subset "$TEST" --compare "$OUT/fig2_bottom.png"
-$PY monitor.py "$OUT/excb" --analysis excb --max-samples "$SUBSET" --out-dir "$OUT/excb/analysis"
+$PY excb.py analyze "$OUT/excb" --out-dir "$OUT/excb/analysis"
 
 # 4. the tables of docs/results.md and the README's summary table, from the files above (also in $OUT/tables.md)
 $PY docs/study_tables.py "$OUT" | tee "$OUT/tables.md"

@@ -80,11 +80,10 @@ def test_torchrun_two_gloo_ranks(tmp_path):
 
 @pytest.mark.slow
 def test_probe_and_monitor_read_the_checkpoints(two_epochs, tmp_path):
-    """docs/excb.md's follow-up commands on the run: probe.py's k-NN and monitor.py's ExCB analysis (Fig. 5)."""
+    """docs/excb.md's follow-up commands on the run: probe.py's k-NN and `excb.py analyze` (Fig. 5)."""
     out, _ = two_epochs
     for cmd in (["probe.py", str(out), "--probes", "knn", "--out-dir", str(tmp_path / "probe"), "--no-plots"],
-                ["monitor.py", str(out), "--preset", "quick", "--analysis", "excb",
-                 "--out-dir", str(tmp_path / "mon")]):
+                ["excb.py", "analyze", str(out), "--out-dir", str(tmp_path / "mon")]):
         proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, env=ENV, capture_output=True, text=True,
                               timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

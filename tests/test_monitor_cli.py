@@ -53,8 +53,7 @@ def read(path):
 
 def test_end_to_end_all_outputs(run_dir, tmp_path):
     out = tmp_path / "out"
-    monitor.main([str(run_dir), *FAST, "--features", "all", "--analysis", "resa", "excb", "--excb-samples", "300",
-                  "--tsne-classes", "4", "--tsne-per-class", "15", "--out-dir", str(out)])
+    monitor.main([str(run_dir), *FAST, "--features", "all", "--out-dir", str(out)])
     rows = read(out / "monitor.csv")
     assert list(rows[0]) == ["checkpoint", "epoch", "method", "features", "precision", "metric", "value", "note"]
     assert {r["precision"] for r in rows} == {"fp32"}  # float32 features unless --precision bf16
@@ -64,22 +63,27 @@ def test_end_to_end_all_outputs(run_dir, tmp_path):
         assert set(monitor.MONITORED) <= got, set(monitor.MONITORED) - got
     agreement = [r for r in rows if r["metric"] == "agreement"]
     assert all("pairing=views" in r["note"] for r in agreement)
-    probe = [float(r["value"]) for r in rows if r["metric"] == "probe_acc"]
-    assert len(probe) == 3 and all(0 <= p <= 100 for p in probe)
+    assert all(0 < float(r["value"]) < 64 for r in rows if r["metric"] == "intrinsic_dimension")
+    probe = {int(r["epoch"]): float(r["value"]) for r in rows if r["metric"] == "probe_acc"}
+    assert len(probe) == 3 and all(0 <= p <= 100 for p in probe.values())
+    assert all("common.knn_accuracy" in r["note"] for r in rows if r["metric"] == "probe_acc")  # auto -> knn
+    # the k-NN probe is common.knn_accuracy on the same features (no second k-NN in monitor.py)
+    args = monitor.parse([str(run_dir), *FAST])
+    backbone, heads, meta = monitor.load_checkpoint(sorted(run_dir.glob("*.pt"))[-1], torch.device("cpu"))
+    data = monitor.Data(meta, args)
+    (tr, y), (te, ty) = (monitor.embed(backbone, heads, data.loader(split, n), torch.device("cpu"), ["backbone"])
+                         for split, n in (("train", 300), ("test", 150)))
+    assert probe[4] == pytest.approx(common.knn_accuracy(tr["backbone"], y, te["backbone"], ty), abs=1e-9)
     corr = read(out / "monitor_correlations.csv")
-    assert {(r["features"], r["metric"], r["skip_early"]) for r in corr} >= {("backbone", "rankme", "0"),
-                                                                             ("projector", "lidar", "1")}
+    assert {(r["features"], r["metric"], r["skip_early"]) for r in corr} >= {
+        ("backbone", "rankme", "0"), ("projector", "lidar", "1"), ("backbone", "intrinsic_dimension", "0")}
     for name in ("monitor_epoch_backbone.png", "monitor_probe_backbone.png", "monitor_epoch_projector.png",
-                 "monitor_probe_projector.png", "monitor_resa.png", "monitor_excb_sizes.png",
-                 "monitor_excb_tsne.png", "monitor_config.json"):
+                 "monitor_probe_projector.png", "monitor_config.json"):
         assert (out / name).stat().st_size > 1000, name
-    resa = read(out / "resa.csv")
-    assert {r["layer"] for r in resa} == {"encoder", "proj_hidden0", "proj_hidden1", "embedding"}
-    excb = read(out / "excb.csv")
-    assert [int(r["K"]) for r in excb] == [16] * 3 and all(int(r["N"]) == 300 for r in excb)
+    assert not list(out.glob("*resa*")) + list(out.glob("*excb*"))  # the paper analyses: resa.py / excb.py analyze
 
 
-def test_probe_csv_seeds_pairing_and_coarse_labels(run_dir, tmp_path, monkeypatch):
+def test_probe_csv_and_seeds_pairing(run_dir, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
     acc = {0: 20.0, 2: 35.5, 4: 41.0}
@@ -93,23 +97,8 @@ def test_probe_csv_seeds_pairing_and_coarse_labels(run_dir, tmp_path, monkeypatc
             w.writerow([ck, e, "fake", "backbone", "digits", "knn", "top1_euclidean_k5", "", 99.0, ""])
             w.writerow([ck, e, "fake", "projector", "digits", "knn", "top1_cosine_k20", "", 1.0, ""])
             w.writerow([ck, e, "fake", "backbone", "cifar10", "knn", "top1_cosine_k20", "", 2.0, ""])
-    eval_loader = common.eval_loader
-
-    def with_coarse(*a, **kw):  # digits with CIFAR-100-style superclasses: even / odd
-        loader = eval_loader(*a, **kw)
-        loader.dataset.coarse_targets = loader.dataset.targets % 2
-        return loader
-
-    monkeypatch.setattr(common, "eval_loader", with_coarse)
     monitor.main([str(run), *FAST, "--pairing", "seeds", "--features", "projector", "--lidar-images", "0",
-                  "--entropy", "gaussian", "--skip-early", "0", "--analysis", "resa", "excb",
-                  "--resa-split", "train", "--excb-bn", "batch", "--excb-samples", "300", "--tsne-classes", "3",
-                  "--tsne-per-class", "10"])
-    excb = read(run / "excb.csv")
-    assert all(int(r["N"]) == 300 and 0 <= int(r["empty"]) < 16 for r in excb)
-    resa = read(run / "resa.csv")
-    assert {(r["granularity"], r["split"]) for r in resa} == {("fine", "train"), ("coarse", "train")}
-    assert all(-1 <= float(r["sc_mean"]) <= 1 and float(r["sc_std"]) >= 0 for r in resa)
+                  "--entropy", "gaussian", "--skip-early", "0"])
     rows = read(run / "monitor.csv")
     got = {int(r["epoch"]): float(r["value"]) for r in rows if r["metric"] == "probe_acc"}
     assert got == acc
@@ -117,6 +106,41 @@ def test_probe_csv_seeds_pairing_and_coarse_labels(run_dir, tmp_path, monkeypatc
     assert all("pairing=seeds" in r["note"] for r in rows if r["metric"] == "agreement")
     assert {r["features"] for r in rows} == {"projector", "backbone"}  # backbone only for the probe row
     assert not any(r["metric"] in ("lidar", "entropy_knn") for r in rows)
+    (run / "probe.csv").unlink()
+    with pytest.raises(common.UsageError, match="probe.py"):  # --probe csv without probe.csv
+        monitor.main([str(run), *FAST, "--probe", "csv"])
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--analysis", "excb"], "excb.py analyze"), (["--analysis=resa"], "resa.py analyze"),
+    (["--excb-bn", "batch"], "excb.py analyze"), (["--resa-split", "train"], "resa.py analyze"),
+    (["--probe", "ridge"], "--probe knn"), (["--ridge-lambda", "0.1"], "--probe knn")])
+def test_removed_flags_are_refused_with_their_replacement(tmp_path, argv, names):
+    with pytest.raises(common.UsageError, match=names.replace(".", r"\.")):
+        monitor.main([str(tmp_path), *argv])
+
+
+def test_usage_errors_are_one_line_exit_2(tmp_path, capsys):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "monitor.py", str(tmp_path), "--analysis", "resa", "excb"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)  # common.run: UsageError -> exit 2
+    assert proc.returncode == 2 and proc.stderr.startswith("error: argument --analysis"), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    for argv in (["--features", "head"], ["--lidar-views", "1"], ["--view-scale", "0", "1"]):  # the Args checks
+        with pytest.raises(SystemExit) as e:
+            monitor.main([str(tmp_path), *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"error: argument {argv[0]}") and err.count("\n") == 1, err
+
+
+def test_help_reads_whole(capsys):
+    with pytest.raises(SystemExit) as e:
+        monitor.main(["--help"])
+    out = capsys.readouterr().out
+    description = out.split("\n\n")[1]
+    assert e.value.code == 0 and description.startswith("monitor.py: label-free monitoring")
+    assert description.rstrip().endswith(".") and "intrinsic" in description  # not cut mid-sentence
+    assert "{auto,csv,knn,none}" in out and "ridge" not in out
 
 
 def test_views_are_identical_across_passes_cached_or_not(run_dir):
@@ -136,12 +160,6 @@ def test_views_are_identical_across_passes_cached_or_not(run_dir):
 def test_run_dir_without_checkpoints(tmp_path):
     with pytest.raises(common.CheckpointError, match="no checkpoints"):
         monitor.main([str(tmp_path)])
-
-
-def test_excb_analysis_needs_centroids(tmp_path):
-    run = make_run(tmp_path / "r", epochs=(0,), centroids=False)
-    with pytest.raises(SystemExit, match="centroids"):
-        monitor.main([str(run), *FAST, "--analysis", "excb"])
 
 
 def test_damaged_checkpoint_clear_error_and_skip(run_dir, tmp_path):
