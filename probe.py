@@ -2,7 +2,7 @@
 
 PROBES (top-level functions on feature tensors; accuracies are in percent)
     common.knn_accuracy  DINO weighted k-NN (cosine, k=20, T=0.07): the ImageNet k-NN of ExCB and ReSA;
-                     metric="euclidean", k=5: the majority vote ReSA reports on CIFAR (shared with monitor.py).
+                     metric="euclidean", k=5: ReSA's CIFAR majority vote (shared with monitor.py).
     linear_probe     ReSA's CIFAR protocol on precomputed features (Adam 1e-2 -> 1e-6 exponential over
                      500 epochs, wd 5e-6, batch 1000, no augmentation), top-1 / top-5.
     few_shot         NSCL's few-shot probes: nearest class centre (NCCC) and a bias-free linear probe
@@ -71,8 +71,7 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes=None, epochs=500,
         torch.random.default_generator.manual_seed(seed)
         head = nn.Linear(X.shape[1], C).to(device)
     opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
-    gamma = (final_lr / lr) ** (1.0 / max(epochs, 1))
-    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, (final_lr / lr) ** (1.0 / max(epochs, 1)))  # gamma
     n = len(X)
     with common.cpu_threads(int(device.type == "cpu")):  # 1 thread on CPU (common.cpu_threads), else as is
         for _ in range(epochs):
@@ -462,9 +461,7 @@ def finetune(backbone, train_set, test_loader, num_classes, epochs=50, lr_backbo
 # =====================================================================================================
 
 PROBES = ("knn", "linear", "fewshot", "cdnv")
-MODES = ("probe", "linear-aug", "finetune", "bench")
-FIELDS = ["checkpoint", "epoch", "method", "features", "dataset", "precision", "probe", "metric", "shots",
-          "value", "std"]
+FIELDS = "checkpoint epoch method features dataset precision probe metric shots value std".split()  # columns
 KEY = ("checkpoint", "features", "dataset", "precision", "probe", "metric", "shots")  # a row's identity
 
 
@@ -484,8 +481,7 @@ def _f(default, help, **check):
     return field(default=default, metadata={"help": help, **check})
 
 
-# flag checks (common.parse_args): counts where 0 means "all" or "the mode's default", counts, positive reals
-_GE0, _GE1, _POS = "[0, inf)", "[1, inf)", "(0, inf)"
+_GE0, _GE1, _POS = "[0, inf)", "[1, inf)", "(0, inf)"  # range= of counts (0: all / the default), reals
 
 
 @dataclass
@@ -493,13 +489,13 @@ class Args:
     # --- what to probe, and where ---
     path: str = _f("", "checkpoint file or run directory (its *.pt in epoch order); may come first")
     mode: str = _f("probe", "probe: the feature probes of --probes; linear-aug: ImageNet linear protocol "
-                   "(crop+flip through the frozen backbone); finetune: semi-supervised fine-tuning; bench: "
-                   "time every probe on synthetic 50k x 512 features", choices=MODES)
+                   "(frozen backbone); finetune: semi-supervised; bench: time the probes on synthetic "
+                   "features", choices=("probe", "linear-aug", "finetune", "bench"))
     probes: _ProbeList = _f(_ProbeList(",".join(PROBES)), "comma list of " + ",".join(PROBES))
-    features: str = _f("backbone", "backbone: the evaluation encoder's output h (ReSA, ExCB); projector: the "
-                       "stored projector's z (NSCL's few-shot numbers)", choices=("backbone", "projector"))
-    dataset: str = _f("", "probe on this dataset instead of the pretraining one (transfer, e.g. cifar100 "
-                      "for a CIFAR-10 checkpoint)", choices=("",) + common.DATASETS)
+    features: str = _f("backbone", "backbone: the evaluation encoder's h (ReSA, ExCB); projector: the stored "
+                       "projector's z (NSCL's few-shot numbers)", choices=("backbone", "projector"))
+    dataset: str = _f("", "probe on this dataset, not the pretraining one (transfer: e.g. cifar100 for "
+                      "CIFAR-10)", choices=("",) + common.DATASETS)
     data_dir: str = _f("", "dataset root (default: the checkpoint's)")
     download: bool = _f(False, "download a missing transfer dataset")
     max_train: int = _f(0, "class-stratified subset of the train split (0 = all)", range=_GE0)
@@ -511,29 +507,25 @@ class Args:
     knn_temperature: float = _f(0.07, "T in the vote weight exp(sim / T) (DINO, ReSA ImageNet)", range=_POS)
     knn_euclid_k: int = _f(5, "neighbours of the Euclidean majority vote (ReSA CIFAR)", range=_GE1)
     # --- classifiers of linear, linear-aug and finetune (0 = the protocol default of the mode) ---
-    epochs: int = _f(0, "classifier epochs, 0 = default: probe 500 (ReSA CIFAR), linear-aug 100, finetune "
-                     "50 (ExCB; ReSA: 20)", range=_GE0)
-    lr: float = _f(0.0, "classifier lr, 0 = default: probe 1e-2 (Adam, decayed to 1e-6), linear-aug 0.3 "
-                   "(SGD, ExCB; ReSA: 10 x B/256 with --lr-schedule step), finetune 1.0 at <= 5%% "
-                   "labels, else 0.2 (ExCB)", range=_GE0)
-    batch_size: int = _f(0, "classifier batch, 0 = default: probe 1000, linear-aug 256, finetune 512",
-                         range=_GE0)
+    epochs: int = _f(0, "0: probe 500 (ReSA CIFAR), linear-aug 100, finetune 50 (ExCB; ReSA 20)", range=_GE0)
+    lr: float = _f(0.0, "0: probe 1e-2 (Adam, decayed to 1e-6), linear-aug 0.3 (SGD, ExCB; ReSA: 10 x B/256 "
+                   "with --lr-schedule step), finetune 1.0 at <= 5%% labels, else 0.2 (ExCB)", range=_GE0)
+    batch_size: int = _f(0, "0: probe 1000, linear-aug 256, finetune 512", range=_GE0)
     lr_schedule: str = _f("cosine", "linear-aug: cosine (ExCB); step: x0.1 at 60%% and 80%% (ReSA)",
                           choices=("cosine", "step"))
     min_crop_scale: float = _f(0.08, "lower scale of linear-aug's and finetune's crops", range="(0, 1]")
     label_fraction: float = _f(0.01, "finetune: labelled fraction of every class", range="(0, 1]")
     split_file: str = _f("", "finetune: SimCLR split file (image file names or indices, one per line)")
-    lr_backbone: float = _f(0.0, "finetune backbone lr, 0 = ExCB's 8e-5 at <= 5%% labels, else 3e-4",
-                            range=_GE0)
+    lr_backbone: float = _f(0.0, "finetune's backbone lr; 0: 8e-5 at <= 5%% labels, else 3e-4", range=_GE0)
     # --- few-shot (NSCL) ---
-    shots: tuple[int, ...] = _f((1, 5, 10, 20, 50, 100, 200, 500), "labelled images per class, N", range=_GE1)
+    shots: tuple[int, ...] = _f((1, 5, 10, 20, 50, 100, 200, 500), "images per class, N", range=_GE1)
     repeats: int = _f(5, "fresh N-shot samples per N (NSCL: 5)", range=_GE1)
     fewshot_epochs: int = _f(100, "epochs of the few-shot linear probe (NSCL CIFAR: 100)", range=_GE1)
     fewshot_lr: float = _f(3e-4, "Adam lr of the few-shot linear probe (NSCL)", range=_POS)
     # --- system ---
     eval_batch_size: int = _f(256, "batch of the feature extraction", range=_GE1)
-    precision: str = _f("fp32", "of the feature extraction and linear-aug / finetune passes (recorded in the "
-                        "cache name and probe.csv); fp32: exact; bf16: faster on GPUs, rounds the features",
+    precision: str = _f("fp32", "of the feature extraction and linear-aug / finetune passes (in the cache "
+                        "name, probe.csv); fp32: exact; bf16: faster on GPUs, rounds the features",
                         choices=("fp32", "bf16"))
     workers: int = _f(0, "data-loading workers", range=_GE0)
     seed: int = _f(0, "seed of every probe's sampling and initialisation")
@@ -542,23 +534,35 @@ class Args:
 
 
 def _features(args, path, ckpt, split, device, cache_dir):
-    """Backbone features (x, y) of one split, and whether they came from the cache: extracted once and cached
-    as {"x", "y"} in cache_dir. Only backbone features are cached: the projector is a small MLP applied to
-    them on the fly."""
-    dataset = args.dataset or ckpt["data"]["dataset"]
+    """(x, y) of one split for --features. Backbone features are extracted once and cached as {"x", "y"} in
+    cache_dir; the projector (eval mode, L2-normalised when the checkpoint says normalize_output) is a small
+    MLP applied to them on the fly."""
+    t, dataset = time.perf_counter(), args.dataset or ckpt["data"]["dataset"]
     limit = args.max_train if split == "train" else args.max_test
     cache = Path(cache_dir) / (f"{path.stem}_{dataset}_{split}_backbone_{args.precision}"
                                f"{f'_n{limit}' if limit else ''}.pt")
-    if args.cache and cache.is_file() and cache.stat().st_mtime >= path.stat().st_mtime:
-        blob = torch.load(cache, map_location="cpu", weights_only=True)
-        return blob["x"], blob["y"], True
-    model, meta = common.load_backbone(ckpt)
-    loader = common.eval_loader(meta, split, args.data_dir or None, args.eval_batch_size, args.workers,
-                                limit, args.dataset or None)
-    x, y = common.extract_features(model.to(device), loader, device, args.precision)
-    if args.cache:
-        common.save_checkpoint(cache, {"x": x, "y": y})  # only for its atomic write: not a checkpoint
-    return x, y, False
+    hit = args.cache and cache.is_file() and cache.stat().st_mtime >= path.stat().st_mtime
+    if hit:
+        x, y = torch.load(cache, map_location="cpu", weights_only=True).values()  # {"x", "y"}, in that order
+    else:
+        model, meta = common.load_backbone(ckpt)
+        loader = common.eval_loader(meta, split, args.data_dir or None, args.eval_batch_size, args.workers,
+                                    limit, args.dataset or None)
+        x, y = common.extract_features(model.to(device), loader, device, args.precision)
+        if args.cache:
+            common.save_checkpoint(cache, {"x": x, "y": y})  # only for its atomic write: not a checkpoint
+    kind = args.features if args.mode == "probe" else "backbone"  # linear-aug: the frozen backbone's
+    if kind == "projector":
+        heads = common.load_heads(ckpt)
+        if "projector" not in heads:
+            raise common.CheckpointError(f"{path} stores no projector head (heads: "
+                                         f"{sorted(heads) or 'none'}); use --features backbone")
+        with torch.no_grad():
+            x = heads["projector"].eval()(x)
+        x = F.normalize(x, dim=1) if heads.get("normalize_output") else x
+    common.print0(f"  {kind} features {split} {tuple(x.shape)} "
+                  f"({'cached' if hit else f'{time.perf_counter() - t:.1f} s'})")
+    return x, y
 
 
 def _run_probes(args, trx, try_, tex, tey, device, eval_train=True):
@@ -573,10 +577,9 @@ def _run_probes(args, trx, try_, tex, tey, device, eval_train=True):
     for name in (p for p in ("knn", "linear", "cdnv", "fewshot") if p in args.probes.split(",")):
         t = time.perf_counter()
         if name == "knn":
-            add("knn", f"top1_cosine_k{args.knn_k}",
-                common.knn_accuracy(trx, try_, tex, tey, args.knn_k, args.knn_temperature, "cosine", C))
-            add("knn", f"top1_euclidean_k{args.knn_euclid_k}",
-                common.knn_accuracy(trx, try_, tex, tey, args.knn_euclid_k, 0.07, "euclidean", C))
+            for k, T, metric in ((args.knn_k, args.knn_temperature, "cosine"),
+                                 (args.knn_euclid_k, 0.07, "euclidean")):
+                add("knn", f"top1_{metric}_k{k}", common.knn_accuracy(trx, try_, tex, tey, k, T, metric, C))
         elif name == "linear":
             r = linear_probe(trx, try_, tex, tey, C, epochs=args.epochs or 500, lr=args.lr or 1e-2,
                              batch_size=args.batch_size or 1000, seed=args.seed, device=device)
@@ -617,45 +620,42 @@ def _train_rows(args, path, ckpt, meta, device, cache_dir):
                                      image_size=size if name == "digits" else None)
     C, log = train_set.num_classes, common.print0
     if args.mode == "linear-aug":
-        tex, tey, _ = _features(args, path, ckpt, "test", device, cache_dir)  # frozen: the cached ones
-        tag = "linear_aug"
-        r = linear_aug(model, train_set, tex, tey, C, args.epochs or 100, args.lr or 0.3, args.batch_size or 256,
-                       args.lr_schedule, device, args.workers, args.seed, log, args.precision)
+        tex, tey = _features(args, path, ckpt, "test", device, cache_dir)  # frozen: the cached ones
+        tag, r = "linear_aug", linear_aug(model, train_set, tex, tey, C, args.epochs or 100, args.lr or 0.3,
+                                          args.batch_size or 256, args.lr_schedule, device, args.workers,
+                                          args.seed, log, args.precision)
     else:
         samples = getattr(getattr(train_set, "source", None), "samples", None)  # ImageFolder's (file, label)s
         names = None if samples is None or not args.split_file else [samples[i][0] for i in (
             range(len(samples)) if train_set.indices is None else train_set.indices.tolist())]
         idx = label_subset(train_set.targets, args.label_fraction, args.split_file or None, names, args.seed)
-        tag = (f"finetune_{Path(args.split_file).stem}" if args.split_file
-               else f"finetune_{args.label_fraction * 100:g}pct")
+        pct = f"{args.label_fraction * 100:g}pct"
+        tag = "finetune_" + (Path(args.split_file).stem if args.split_file else pct)
         log(f"  {tag}: {len(idx)} labelled images of {len(train_set)}")
         low = len(idx) / len(train_set) <= 0.05  # ExCB's 1% setting, else its 10% setting
         test_loader = common.eval_loader(meta, "test", args.data_dir or None, args.eval_batch_size,
                                          args.workers, args.max_test, args.dataset or None)
-        r = finetune(model, torch.utils.data.Subset(train_set, idx.tolist()), test_loader, C, args.epochs or 50,
-                     args.lr_backbone or (8e-5 if low else 3e-4), args.lr or (1.0 if low else 0.2),
+        lr_backbone, lr_head = args.lr_backbone or (8e-5 if low else 3e-4), args.lr or (1.0 if low else 0.2)
+        labelled = torch.utils.data.Subset(train_set, idx.tolist())
+        r = finetune(model, labelled, test_loader, C, args.epochs or 50, lr_backbone, lr_head,
                      args.batch_size or 512, device, args.workers, args.seed, log, args.precision)
     return [{"probe": tag, "metric": m, "value": r[m]} for m in ("top1", "top5")]
-
-
-def _cells(r):
-    """A row as probe.csv holds it: every column of FIELDS, as text ("" when missing)."""
-    return {c: "" if r.get(c) is None else str(r[c]) for c in FIELDS}
 
 
 def _write_results(out_dir, rows):
     """Merge rows into out_dir/probe.csv and probe.json -> every row, as text: a row replaces an earlier one
     with the same KEY; rows of other probes, checkpoints, features or datasets are kept."""
-    path, merged = Path(out_dir) / "probe.csv", {}
+    path = Path(out_dir) / "probe.csv"
+    text = [{c: "" if r.get(c) is None else str(r[c]) for c in FIELDS} for r in rows]  # as the CSV holds them
     if path.is_file():
         with open(path, newline="") as f:
-            merged = {tuple(r[k] for k in KEY): r for r in map(_cells, csv.DictReader(f))}
-    merged.update((tuple(r[k] for k in KEY), r) for r in map(_cells, rows))
-    final = sorted(merged.values(), key=lambda r: (float(r["epoch"]), r["checkpoint"], r["features"],
-                                                   r["dataset"], r["probe"], r["metric"], float(r["shots"] or 0)))
+            text = [{c: r.get(c) or "" for c in FIELDS} for r in csv.DictReader(f)] + text
+    order = ("checkpoint", "features", "dataset", "probe", "metric")  # after the epoch, before the shots
+    final = sorted({tuple(r[k] for k in KEY): r for r in text}.values(),  # the last row of each KEY
+                   key=lambda r: (float(r["epoch"]), *(r[k] for k in order), float(r["shots"] or 0)))
     common.write_csv(path, final, FIELDS)
     js = [{**r, "epoch": int(float(r["epoch"])), "value": float(r["value"]) if r["value"] else None,
-           "std": float(r["std"]) if r["std"] else None, "shots": int(float(r["shots"])) if r["shots"] else None}
+           "std": float(r["std"]) if r["std"] else None, "shots": int(r["shots"]) if r["shots"] else None}
           for r in final]
     (Path(out_dir) / "probe.json").write_text(json.dumps(js, indent=1))
     return final
@@ -663,7 +663,7 @@ def _write_results(out_dir, rows):
 
 def _print_table(rows):
     """One line per checkpoint with the headline metrics, then the few-shot table of the last one."""
-    cols, by_ckpt = {}, {}  # the columns in first-seen order (dict keys); (epoch, checkpoint) -> {column: value}
+    cols, by_ckpt = {}, {}  # the columns in first-seen order (keys); (epoch, checkpoint) -> {column: value}
     for r in (r for r in rows if not r["shots"]):
         col = f"{r['probe']}/{r['metric']}".replace("top1_", "").replace("cosine_", "cos_").replace(
             "euclidean_", "euc_")
@@ -679,8 +679,7 @@ def _print_table(rows):
         # train-split few-shot accuracies go to the CSV only
         fs = [r for r in fs if r["checkpoint"] == last and not r["metric"].endswith("_train")]
         metrics = list(dict.fromkeys(r["metric"] for r in fs))
-        print(f"\nfew-shot, {last} (test accuracy / error in %, mean +- std over repeats; bound: NSCL "
-              f"Prop. 1)")
+        print(f"\nfew-shot, {last} (test accuracy / error %, mean +- std over repeats; bound: NSCL Prop. 1)")
         print(f"{'N':>5} " + " ".join(f"{m:>20}" for m in metrics))
         table = {}
         for r in fs:
@@ -694,9 +693,7 @@ def _plots(out_dir, rows, features):
     """probe_epoch_<features>.png: top-1 of every probe and the 1-/5-shot accuracies against the epoch (with
     several checkpoints); probe_fewshot_<ckpt>_<features>.png: the last checkpoint's few-shot accuracy and
     2-way error beside the NSCL bound, against N. -> the paths written."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no backend, no window, nothing to close
 
     rows, figs, series = [r for r in rows if r["features"] == features], {}, {}  # figs: file name -> figure
     for r in rows:  # series: curve -> {epoch: value}
@@ -706,15 +703,15 @@ def _plots(out_dir, rows, features):
         elif p == "fewshot" and m in ("nccc_test", "linear_test") and r["shots"] in ("1", "5"):
             series.setdefault(f"{m.split('_')[0]} {r['shots']}-shot", {})[epoch] = float(r["value"])
     if len({int(float(r["epoch"])) for r in rows}) > 1 and series:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        ax = Figure(figsize=(6, 4)).subplots()
         for name, pts in series.items():
             ax.plot(sorted(pts), [pts[e] for e in sorted(pts)], marker="o", label=name)
         ax.set(xlabel="epoch", ylabel="test accuracy (%)")
-        figs[f"probe_epoch_{features}.png"] = fig
+        figs[f"probe_epoch_{features}.png"] = ax.figure
     fs = [r for r in rows if r["probe"] == "fewshot"]
     if fs:
         last = max(fs, key=lambda r: (float(r["epoch"]), r["checkpoint"]))["checkpoint"]
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        a1, a2 = Figure(figsize=(10, 4)).subplots(1, 2)
         for m, ax in (("nccc_test", a1), ("linear_test", a1), ("nccc_2way_err_test", a2), ("bound_2way", a2)):
             pts = sorted((int(float(r["shots"])), float(r["value"]), float(r["std"] or 0)) for r in fs
                          if r["checkpoint"] == last and r["metric"] == m)
@@ -724,15 +721,14 @@ def _plots(out_dir, rows, features):
         a2.axhline(100, color="grey", ls="--", lw=1)  # a bound above 100 % says nothing
         a1.set(xscale="log", xlabel="shots per class N", ylabel="test accuracy (%)")
         a2.set(xscale="log", xlabel="shots per class N", ylabel="2-way error (%)", yscale="log")
-        fig.suptitle(f"{last} ({features}): few-shot probes and the NSCL bound (Prop. 1)", fontsize=9)
-        figs[f"probe_fewshot_{Path(last).stem}_{features}.png"] = fig
+        a1.figure.suptitle(f"{last} ({features}): few-shot probes and the NSCL bound (Prop. 1)", fontsize=9)
+        figs[f"probe_fewshot_{Path(last).stem}_{features}.png"] = a1.figure
     for name, fig in figs.items():
         for ax in fig.axes:
             ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(Path(out_dir) / name, dpi=120)
-        plt.close(fig)
     return [Path(out_dir) / name for name in figs]
 
 
@@ -757,26 +753,12 @@ def main(argv=None):
         meta = common.checkpoint_meta(ckpt, path)
         dataset = args.dataset or meta["data"]["dataset"]
         common.print0(f"{path.name}: {meta['method']} epoch {meta['epoch']}, {features} features, {dataset}")
-        if args.mode != "probe":
-            results = _train_rows(args, path, ckpt, meta, device, cache_dir)
-        else:  # cached backbone features; the projector (eval mode, normalize_output as stored) applied to them
-            t = time.perf_counter()
-            (trx, try_, hit_tr), (tex, tey, hit_te) = (_features(args, path, ckpt, s, device, cache_dir)
-                                                       for s in ("train", "test"))
-            if args.features == "projector":
-                heads = common.load_heads(ckpt)
-                if "projector" not in heads:
-                    raise common.CheckpointError(f"{path} stores no projector head (heads: "
-                                                 f"{sorted(heads) or 'none'}); use --features backbone")
-                with torch.no_grad():
-                    trx, tex = (heads["projector"].eval()(x) for x in (trx, tex))
-                if heads.get("normalize_output"):
-                    trx, tex = F.normalize(trx, dim=1), F.normalize(tex, dim=1)
-            common.print0(f"  {args.features} features train {tuple(trx.shape)} test {tuple(tex.shape)} "
-                          f"({'cached' if hit_tr and hit_te else f'{time.perf_counter() - t:.1f} s'})")
-            results = _run_probes(args, trx, try_, tex, tey, device)
+        results = (_run_probes(args, *_features(args, path, ckpt, "train", device, cache_dir),
+                               *_features(args, path, ckpt, "test", device, cache_dir), device)
+                   if args.mode == "probe" else _train_rows(args, path, ckpt, meta, device, cache_dir))
         rows += [{"checkpoint": path.name, "epoch": meta["epoch"], "method": meta["method"],
-                  "features": features, "dataset": dataset, "precision": args.precision, **r} for r in results]
+                  "features": features, "dataset": dataset, "precision": args.precision, **r}
+                 for r in results]
     final = _write_results(out_dir, rows)
     _print_table([r for r in final if (r["checkpoint"], r["features"], r["dataset"]) in
                   {(x["checkpoint"], x["features"], x["dataset"]) for x in rows}])
@@ -804,14 +786,14 @@ def bench(args, device, n_train=50000, n_test=10000, dim=512, classes=10):
     print(f"bench on {device}, {torch.get_num_threads()} threads: train {tuple(feats[0].shape)}, "
           f"test {tuple(feats[2].shape)}")
     rows = _run_probes(args, *feats, device, eval_train=False)
-    _print_table([_cells({"checkpoint": "synthetic", "epoch": 0, **r}) for r in rows])
+    _print_table([{"checkpoint": "synthetic", "epoch": 0, **r} for r in rows])
     if "linear" in args.probes.split(","):
         from sklearn.linear_model import LogisticRegression
 
         t = time.perf_counter()
         clf = LogisticRegression(max_iter=1000).fit(feats[0].numpy(), feats[1].numpy())
         print(f"sklearn LogisticRegression (lbfgs, C=1): {time.perf_counter() - t:.1f} s, top-1 "
-              f"{100 * clf.score(feats[2].numpy(), feats[3].numpy()):.2f} %, {int(clf.n_iter_[0])} iterations")
+              f"{100 * clf.score(feats[2].numpy(), feats[3].numpy()):.2f} %, {clf.n_iter_[0]} iterations")
 
 
 if __name__ == "__main__":
