@@ -1,8 +1,8 @@
 """probe.py: evaluate checkpoints of excb.py, resa.py and simclr_nscl.py with labels.
 
 PROBES (top-level functions on feature tensors; accuracies are in percent)
-    knn_accuracy     DINO weighted k-NN (cosine, k=20, T=0.07): the ImageNet k-NN of ExCB and ReSA.
-                     metric="euclidean", k=5: the majority vote ReSA reports on CIFAR.
+    common.knn_accuracy  DINO weighted k-NN (cosine, k=20, T=0.07): the ImageNet k-NN of ExCB and ReSA;
+                     metric="euclidean", k=5: ReSA's CIFAR majority vote (shared with monitor.py).
     linear_probe     ReSA's CIFAR protocol on precomputed features (Adam 1e-2 -> 1e-6 exponential over
                      500 epochs, wd 5e-6, batch 1000, no augmentation), top-1 / top-5.
     few_shot         NSCL's few-shot probes: nearest class centre (NCCC) and a bias-free linear probe
@@ -24,15 +24,14 @@ Commands (from the repository root):
     python probe.py RUN --dataset cifar100 --data-dir data   # transfer
     python probe.py CKPT --mode linear-aug --epochs 100
     python probe.py CKPT --mode finetune --label-fraction 0.01   # or --split-file 1percent.txt
-Features are extracted once per checkpoint, split and feature kind and cached in RUN_DIR/features/;
-results go to RUN_DIR/probe.csv and probe.json (one row per checkpoint x probe x metric) and PNGs.
-
-Measured: see docs/probe.md (CPU timings on 50,000 x 512 / 10,000 x 512 features).
+Backbone features are extracted once per checkpoint and split and cached in RUN_DIR/features/; results go
+to RUN_DIR/probe.csv and probe.json (one row per checkpoint x probe x metric) and PNGs. Manual, timings:
+docs/probe.md.
 """
+import argparse
 import csv
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,75 +49,8 @@ import common
 # =====================================================================================================
 
 
-class _Threads:
-    """Run a block with n intra-op threads on CPU. The probes' training loops take thousands of tiny
-    steps (a (1000, 512) x (512, C) matmul each); OpenMP barriers then cost more than a second core saves
-    (measured on the 2-core dev VM: 3.3 ms per linear-probe step on 1 thread, 30+ ms on 2)."""
-
-    def __init__(self, device, n=1):
-        self.active, self.n = torch.device(device).type == "cpu", n
-
-    def __enter__(self):
-        if self.active:
-            self.saved = torch.get_num_threads()
-            torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        if self.active:
-            torch.set_num_threads(self.saved)
-
-
 def _num_classes(*ys):
     return int(max(int(y.max()) for y in ys)) + 1
-
-
-def _topk_correct(logits, y, ks):
-    """(B, C), (B,) -> {k: number of rows whose label is among the k largest logits}."""
-    top = logits.topk(max(ks), dim=1).indices  # (B, kmax)
-    hit = top == y[:, None]
-    return {k: int(hit[:, :k].any(1).sum()) for k in ks}
-
-
-def knn_predict(train_x, train_y, test_x, k=20, temperature=0.07, metric="cosine", num_classes=None,
-                chunk_elems=2 ** 25):
-    """k-NN class scores for each test row: (M, C) float.
-
-    cosine (DINO, Wu et al. 2018): L2-normalised features, vote of each neighbour = exp(sim / T).
-    euclidean (ReSA CIFAR): raw features, k nearest by L2 distance, one vote each; ties between classes
-    go to the smallest label because argmax returns the first maximum.
-    The test set is processed in chunks so that a chunk of the (M, N) similarity matrix holds at most
-    chunk_elems entries (2^25 floats = 128 MB).
-    """
-    C = num_classes or _num_classes(train_y)
-    if metric == "cosine":
-        train_x, test_x = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
-    elif metric == "euclidean":
-        train_sq = (train_x * train_x).sum(1)  # (N,)
-    else:
-        raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
-    k = min(k, len(train_x))
-    step = max(1, chunk_elems // len(train_x))
-    scores = []
-    for s in range(0, len(test_x), step):
-        q = test_x[s:s + step]
-        if metric == "cosine":
-            sim = q @ train_x.T  # (m, N)
-            val, idx = sim.topk(k, dim=1)
-            w = (val / temperature).exp()
-        else:
-            # ||q - x||^2 = ||q||^2 - 2 q.x + ||x||^2; ||q||^2 does not change the ranking of a row.
-            d2 = train_sq[None, :] - 2 * q @ train_x.T  # (m, N)
-            idx = d2.topk(k, dim=1, largest=False).indices
-            w = torch.ones(idx.shape, dtype=q.dtype, device=q.device)
-        votes = torch.zeros(len(q), C, dtype=q.dtype, device=q.device)
-        scores.append(votes.scatter_add_(1, train_y[idx], w))  # (m, C)
-    return torch.cat(scores)
-
-
-def knn_accuracy(train_x, train_y, test_x, test_y, k=20, temperature=0.07, metric="cosine", num_classes=None):
-    """Top-1 k-NN accuracy in percent. Defaults: DINO's weighted 20-NN; ReSA CIFAR: metric="euclidean", k=5."""
-    scores = knn_predict(train_x, train_y, test_x, k, temperature, metric, num_classes)
-    return 100.0 * (scores.argmax(1) == test_y.to(scores.device)).float().mean().item()
 
 
 def linear_probe(train_x, train_y, test_x, test_y, num_classes=None, epochs=500, lr=1e-2, final_lr=1e-6,
@@ -139,10 +71,9 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes=None, epochs=500,
         torch.random.default_generator.manual_seed(seed)
         head = nn.Linear(X.shape[1], C).to(device)
     opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
-    gamma = (final_lr / lr) ** (1.0 / max(epochs, 1))
-    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, (final_lr / lr) ** (1.0 / max(epochs, 1)))  # gamma
     n = len(X)
-    with _Threads(device):
+    with common.cpu_threads(int(device.type == "cpu")):  # 1 thread on CPU (common.cpu_threads), else as is
         for _ in range(epochs):
             perm = torch.randperm(n, generator=g).to(device)
             for s in range(0, n, batch_size):
@@ -159,14 +90,12 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes=None, epochs=500,
 def _eval_head(head, x, y, device, batch=8192):
     """{"top1", "top5"} accuracy in percent of head(x) (features -> logits; nn.Identity for logits).
     With fewer than 5 classes, top-5 is top-C (= 100)."""
-    correct, n = {1: 0, 5: 0}, 0
+    top1 = top5 = 0
     for s in range(0, len(x), batch):
         logits = head(x[s:s + batch].to(device, torch.float32)).float()  # (b, C)
-        c = _topk_correct(logits, y[s:s + batch].to(device), (1, min(5, logits.shape[1])))
-        correct[1] += c[1]
-        correct[5] += c[min(5, logits.shape[1])]
-        n += len(logits)
-    return {"top1": 100.0 * correct[1] / n, "top5": 100.0 * correct[5] / n}
+        hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[s:s + batch].to(device)[:, None]
+        top1, top5 = top1 + int(hit[:, 0].sum()), top5 + int(hit.any(1).sum())  # label first / among the 5
+    return {"top1": 100.0 * top1 / len(x), "top5": 100.0 * top5 / len(x)}
 
 
 # ----- few-shot: NSCL Sec. 5 / Appendix C protocols --------------------------------------------------
@@ -230,7 +159,7 @@ def _few_shot_linear(xs, ys, test_sets, C, epochs, lr, batch_size, generator):
     W = ((torch.rand(R, C, D, generator=generator) * 2 - 1) * bound).to(xs).requires_grad_()
     opt = torch.optim.Adam([W], lr=lr)
     bs = min(batch_size, n)
-    with _Threads(xs.device):
+    with common.cpu_threads(int(xs.device.type == "cpu")):
         for _ in range(epochs):
             # (R, n): every repeat shuffles its own N-shot set
             perm = torch.rand(R, n, generator=generator).argsort(1).to(xs.device)
@@ -532,6 +461,19 @@ def finetune(backbone, train_set, test_loader, num_classes, epochs=50, lr_backbo
 # =====================================================================================================
 
 PROBES = ("knn", "linear", "fewshot", "cdnv")
+FIELDS = "checkpoint epoch method features dataset precision probe metric shots value std".split()  # columns
+KEY = ("checkpoint", "features", "dataset", "precision", "probe", "metric", "shots")  # a row's identity
+
+
+class _ProbeList(str):
+    """The type of --probes: a comma list of PROBES, normalised to "a,b". A bad item is an ArgumentTypeError,
+    which common.parse_args turns into one `error: argument --probes: ...` line (exit 2) before any work."""
+
+    def __new__(cls, text):
+        names = [p.strip() for p in text.split(",") if p.strip()]
+        if not names or set(names) - set(PROBES):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of {','.join(PROBES)}")
+        return super().__new__(cls, ",".join(names))
 
 
 def _f(default, help, **check):
@@ -539,180 +481,195 @@ def _f(default, help, **check):
     return field(default=default, metadata={"help": help, **check})
 
 
+_GE0, _GE1, _POS = "[0, inf)", "[1, inf)", "(0, inf)"  # range= of counts (0: all / the default), reals
+
+
 @dataclass
 class Args:
-    path: str = _f("", "checkpoint file or run directory (every *.pt in epoch order); may come first, "
-                   "without --path")
+    # --- what to probe, and where ---
+    path: str = _f("", "checkpoint file or run directory (its *.pt in epoch order); may come first")
     mode: str = _f("probe", "probe: the feature probes of --probes; linear-aug: ImageNet linear protocol "
-                   "(crop+flip through the frozen backbone); finetune: semi-supervised fine-tuning; bench: "
-                   "time every probe on synthetic 50k x 512 features")
-    probes: str = _f("knn,linear,fewshot,cdnv", "comma list of " + ",".join(PROBES))
-    features: str = _f("backbone", "backbone: the evaluation encoder's output h (ReSA, ExCB); projector: the "
-                       "stored projector's embedding z (NSCL's few-shot numbers)")
-    dataset: str = _f("", "probe on this dataset instead of the pretraining one (transfer, e.g. cifar100 "
-                      "or stl10 for a CIFAR-10 checkpoint)")
+                   "(frozen backbone); finetune: semi-supervised; bench: time the probes on synthetic "
+                   "features", choices=("probe", "linear-aug", "finetune", "bench"))
+    probes: _ProbeList = _f(_ProbeList(",".join(PROBES)), "comma list of " + ",".join(PROBES))
+    features: str = _f("backbone", "backbone: the evaluation encoder's h (ReSA, ExCB); projector: the stored "
+                       "projector's z (NSCL's few-shot numbers)", choices=("backbone", "projector"))
+    dataset: str = _f("", "probe on this dataset, not the pretraining one (transfer: e.g. cifar100 for "
+                      "CIFAR-10)", choices=("",) + common.DATASETS)
     data_dir: str = _f("", "dataset root (default: the checkpoint's)")
     download: bool = _f(False, "download a missing transfer dataset")
-    max_train: int = _f(0, "class-stratified subset of the train split (0 = all)")
-    max_test: int = _f(0, "class-stratified subset of the test split (0 = all)")
+    max_train: int = _f(0, "class-stratified subset of the train split (0 = all)", range=_GE0)
+    max_test: int = _f(0, "class-stratified subset of the test split (0 = all)", range=_GE0)
     out_dir: str = _f("", "where probe.csv/json and the PNGs go (default: the run directory)")
-    device: str = _f("auto", "auto (cuda when available) | cpu | cuda")
-    # k-NN
-    knn_k: int = _f(20, "neighbours of the weighted cosine k-NN (DINO, ExCB: 20)")
-    knn_temperature: float = _f(0.07, "T in the vote weight exp(sim / T) (DINO, ReSA ImageNet)")
-    knn_euclid_k: int = _f(5, "neighbours of the Euclidean majority vote (ReSA CIFAR)")
-    # linear probe / linear-aug / finetune: 0 = the protocol default of the mode
-    epochs: int = _f(0, "classifier epochs, 0 = default: probe 500 (ReSA CIFAR), linear-aug 100, finetune "
-                     "50 (ExCB; ReSA: 20)")
-    lr: float = _f(0.0, "classifier lr, 0 = default: probe 1e-2 (Adam, decayed to 1e-6), linear-aug 0.3 "
-                   "(SGD, ExCB; ReSA: 10 x B/256 with --lr-schedule step), finetune 1.0 at <= 5%% "
-                   "labels, else 0.2 (ExCB)")
-    batch_size: int = _f(0, "classifier batch, 0 = default: probe 1000, linear-aug 256, finetune 512")
-    lr_schedule: str = _f("cosine", "linear-aug: cosine (ExCB) | step (x0.1 at 60%% and 80%%, ReSA)")
-    min_crop_scale: float = _f(0.08, "lower scale of the random-resized crops of linear-aug and finetune")
-    label_fraction: float = _f(0.01, "finetune: labelled fraction of every class")
+    device: str = _f("auto", "auto: cuda when available", choices=("auto", "cpu", "cuda"))
+    # --- k-NN ---
+    knn_k: int = _f(20, "neighbours of the weighted cosine k-NN (DINO, ExCB: 20)", range=_GE1)
+    knn_temperature: float = _f(0.07, "T in the vote weight exp(sim / T) (DINO, ReSA ImageNet)", range=_POS)
+    knn_euclid_k: int = _f(5, "neighbours of the Euclidean majority vote (ReSA CIFAR)", range=_GE1)
+    # --- classifiers of linear, linear-aug and finetune (0 = the protocol default of the mode) ---
+    epochs: int = _f(0, "0: probe 500 (ReSA CIFAR), linear-aug 100, finetune 50 (ExCB; ReSA 20)", range=_GE0)
+    lr: float = _f(0.0, "0: probe 1e-2 (Adam, decayed to 1e-6), linear-aug 0.3 (SGD, ExCB; ReSA: 10 x B/256 "
+                   "with --lr-schedule step), finetune 1.0 at <= 5%% labels, else 0.2 (ExCB)", range=_GE0)
+    batch_size: int = _f(0, "0: probe 1000, linear-aug 256, finetune 512", range=_GE0)
+    lr_schedule: str = _f("cosine", "linear-aug: cosine (ExCB); step: x0.1 at 60%% and 80%% (ReSA)",
+                          choices=("cosine", "step"))
+    min_crop_scale: float = _f(0.08, "lower scale of linear-aug's and finetune's crops", range="(0, 1]")
+    label_fraction: float = _f(0.01, "finetune: labelled fraction of every class", range="(0, 1]")
     split_file: str = _f("", "finetune: SimCLR split file (image file names or indices, one per line)")
-    lr_backbone: float = _f(0.0, "finetune backbone lr, 0 = ExCB's 8e-5 at <= 5%% labels, else 3e-4")
-    # few-shot (NSCL)
-    shots: tuple[int, ...] = _f((1, 5, 10, 20, 50, 100, 200, 500), "labelled images per class, N")
-    repeats: int = _f(5, "fresh N-shot samples per N (NSCL: 5)")
-    fewshot_epochs: int = _f(100, "epochs of the few-shot linear probe (NSCL CIFAR: 100)")
-    fewshot_lr: float = _f(3e-4, "Adam lr of the few-shot linear probe (NSCL)")
-    # system
-    eval_batch_size: int = _f(256, "batch of the feature extraction")
-    precision: str = _f("fp32", "fp32 (exact, the default on every device) | bf16 (faster on GPUs; rounds the "
-                        "features): feature extraction and the linear-aug / finetune forward passes; recorded in "
-                        "the cache name and in probe.csv")
-    workers: int = _f(0, "data-loading workers")
+    lr_backbone: float = _f(0.0, "finetune's backbone lr; 0: 8e-5 at <= 5%% labels, else 3e-4", range=_GE0)
+    # --- few-shot (NSCL) ---
+    shots: tuple[int, ...] = _f((1, 5, 10, 20, 50, 100, 200, 500), "images per class, N", range=_GE1)
+    repeats: int = _f(5, "fresh N-shot samples per N (NSCL: 5)", range=_GE1)
+    fewshot_epochs: int = _f(100, "epochs of the few-shot linear probe (NSCL CIFAR: 100)", range=_GE1)
+    fewshot_lr: float = _f(3e-4, "Adam lr of the few-shot linear probe (NSCL)", range=_POS)
+    # --- system ---
+    eval_batch_size: int = _f(256, "batch of the feature extraction", range=_GE1)
+    precision: str = _f("fp32", "of the feature extraction and linear-aug / finetune passes (in the cache "
+                        "name, probe.csv); fp32: exact; bf16: faster on GPUs, rounds the features",
+                        choices=("fp32", "bf16"))
+    workers: int = _f(0, "data-loading workers", range=_GE0)
     seed: int = _f(0, "seed of every probe's sampling and initialisation")
     cache: bool = _f(True, "reuse RUN_DIR/features/*.pt when not older than the checkpoint")
     plots: bool = _f(True, "write the PNGs")
 
 
-def _run_dir(path):
-    p = Path(path)
-    return p if p.is_dir() else p.parent
-
-
-def _features(ckpt_path, ckpt, split, args, device, cache_dir):
-    """Backbone features of one split, extracted once and cached as {"x", "y"} in cache_dir.
-
-    Only backbone features are cached: the projector is a small MLP applied to them on the fly.
-    """
-    dataset = args.dataset or ckpt["data"]["dataset"]
+def _features(args, path, ckpt, split, device, cache_dir):
+    """(x, y) of one split for --features. Backbone features are extracted once and cached as {"x", "y"} in
+    cache_dir; the projector (eval mode, L2-normalised when the checkpoint says normalize_output) is a small
+    MLP applied to them on the fly."""
+    t, dataset = time.perf_counter(), args.dataset or ckpt["data"]["dataset"]
     limit = args.max_train if split == "train" else args.max_test
-    name = f"{Path(ckpt_path).stem}_{dataset}_{split}_backbone_{args.precision}{f'_n{limit}' if limit else ''}.pt"
-    cache = Path(cache_dir) / name
-    if args.cache and cache.is_file() and cache.stat().st_mtime >= Path(ckpt_path).stat().st_mtime:
-        blob = torch.load(cache, map_location="cpu", weights_only=True)
-        return blob["x"], blob["y"], True
-    model, meta = common.load_backbone(ckpt)
-    loader = common.eval_loader(meta, split, args.data_dir or None, args.eval_batch_size, args.workers,
-                                limit, args.dataset or None)
-    x, y = common.extract_features(model.to(device), loader, device, args.precision)
-    if args.cache:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        common.save_checkpoint(cache, {"x": x, "y": y})  # only for its atomic write: not a checkpoint
-    return x, y, False
-
-
-def _projector(ckpt, path):
-    heads = common.load_heads(ckpt)
-    if "projector" not in heads:
-        raise common.CheckpointError(f"{path} stores no projector head (heads: {sorted(heads) or 'none'}); "
-                                     f"use --features backbone")
-
-    def apply(x):
+    cache = Path(cache_dir) / (f"{path.stem}_{dataset}_{split}_backbone_{args.precision}"
+                               f"{f'_n{limit}' if limit else ''}.pt")
+    hit = args.cache and cache.is_file() and cache.stat().st_mtime >= path.stat().st_mtime
+    if hit:
+        x, y = torch.load(cache, map_location="cpu", weights_only=True).values()  # {"x", "y"}, in that order
+    else:
+        model, meta = common.load_backbone(ckpt)
+        loader = common.eval_loader(meta, split, args.data_dir or None, args.eval_batch_size, args.workers,
+                                    limit, args.dataset or None)
+        x, y = common.extract_features(model.to(device), loader, device, args.precision)
+        if args.cache:
+            common.save_checkpoint(cache, {"x": x, "y": y})  # only for its atomic write: not a checkpoint
+    kind = args.features if args.mode == "probe" else "backbone"  # linear-aug: the frozen backbone's
+    if kind == "projector":
+        heads = common.load_heads(ckpt)
+        if "projector" not in heads:
+            raise common.CheckpointError(f"{path} stores no projector head (heads: "
+                                         f"{sorted(heads) or 'none'}); use --features backbone")
         with torch.no_grad():
-            z = heads["projector"].eval()(x)
-        return F.normalize(z, dim=1) if heads.get("normalize_output") else z
-    return apply
+            x = heads["projector"].eval()(x)
+        x = F.normalize(x, dim=1) if heads.get("normalize_output") else x
+    common.print0(f"  {kind} features {split} {tuple(x.shape)} "
+                  f"({'cached' if hit else f'{time.perf_counter() - t:.1f} s'})")
+    return x, y
 
 
-def _probe_rows(args, trx, try_, tex, tey, device, log):
-    """Run the selected probes on one checkpoint's features -> list of (probe, metric, value, std, shots)."""
-    probes = [p.strip() for p in args.probes.split(",") if p.strip()]
-    trx, try_, tex, tey = trx.to(device), try_.to(device), tex.to(device), tey.to(device)
-    C = _num_classes(try_, tey)
-    out = []
-    if "knn" in probes:
+def _run_probes(args, trx, try_, tex, tey, device, eval_train=True):
+    """The probes of --probes on (train, test) features, each timed on the console -> rows {probe, metric,
+    value, std, shots}. eval_train: the few-shot probes are also scored on the train split."""
+    trx, try_, tex, tey = (v.to(device) for v in (trx, try_, tex, tey))
+    C, out = _num_classes(try_, tey), []
+
+    def add(probe, metric, value, std=None, shots=None):
+        out.append({"probe": probe, "metric": metric, "value": value, "std": std, "shots": shots})
+
+    for name in (p for p in ("knn", "linear", "cdnv", "fewshot") if p in args.probes.split(",")):
         t = time.perf_counter()
-        acc = knn_accuracy(trx, try_, tex, tey, args.knn_k, args.knn_temperature, "cosine", C)
-        out.append(("knn", f"top1_cosine_k{args.knn_k}", acc, None, None))
-        out.append(("knn", f"top1_euclidean_k{args.knn_euclid_k}",
-                    knn_accuracy(trx, try_, tex, tey, args.knn_euclid_k, metric="euclidean", num_classes=C),
-                    None, None))
-        log(f"  knn {time.perf_counter() - t:.1f} s")
-    if "linear" in probes:
-        t = time.perf_counter()
-        r = linear_probe(trx, try_, tex, tey, C, epochs=args.epochs or 500, lr=args.lr or 1e-2,
-                         batch_size=args.batch_size or 1000, seed=args.seed, device=device)
-        out += [("linear", "top1", r["top1"], None, None), ("linear", "top5", r["top5"], None, None)]
-        log(f"  linear {time.perf_counter() - t:.1f} s")
-    if "cdnv" in probes:
-        for split, x, y in (("train", trx, try_), ("test", tex, tey)):
-            out.append(("cdnv", f"cdnv_{split}", cdnv(x, y), None, None))
-            out.append(("cdnv", f"dir_cdnv_{split}", directional_cdnv(x, y), None, None))
-    if "fewshot" in probes:
-        t = time.perf_counter()
-        rows = few_shot(trx, try_, tex, tey, args.shots, args.repeats, epochs=args.fewshot_epochs,
-                        lr=args.fewshot_lr, seed=args.seed, device=device)
-        for r in rows:
-            out.append(("fewshot", f"{r['probe']}_{r['split']}", r["mean"], r["std"], r["shots"]))
-        # Proposition 1 with the train split's CDNVs (the population the shots are drawn from), as an
-        # error in percent: C'=2 beside the mean 2-way NCCC error, C'=C beside the C-way NCCC error.
-        V, Vt = cdnv(trx, try_), directional_cdnv(trx, try_)
-        for n in sorted({r["shots"] for r in rows}):
-            out.append(("fewshot", "bound_2way", 100 * few_shot_bound(Vt, V, n, 2), None, n))
-            out.append(("fewshot", f"bound_{C}way", 100 * few_shot_bound(Vt, V, n, C), None, n))
-        log(f"  fewshot {time.perf_counter() - t:.1f} s")
+        if name == "knn":
+            for k, T, metric in ((args.knn_k, args.knn_temperature, "cosine"),
+                                 (args.knn_euclid_k, 0.07, "euclidean")):
+                add("knn", f"top1_{metric}_k{k}", common.knn_accuracy(trx, try_, tex, tey, k, T, metric, C))
+        elif name == "linear":
+            r = linear_probe(trx, try_, tex, tey, C, epochs=args.epochs or 500, lr=args.lr or 1e-2,
+                             batch_size=args.batch_size or 1000, seed=args.seed, device=device)
+            for m in ("top1", "top5"):
+                add("linear", m, r[m])
+        elif name == "cdnv":
+            for split, x, y in (("train", trx, try_), ("test", tex, tey)):
+                add("cdnv", f"cdnv_{split}", cdnv(x, y))
+                add("cdnv", f"dir_cdnv_{split}", directional_cdnv(x, y))
+        else:
+            rows = few_shot(trx, try_, tex, tey, args.shots, args.repeats, epochs=args.fewshot_epochs,
+                            lr=args.fewshot_lr, eval_train=eval_train, seed=args.seed, device=device)
+            for r in rows:
+                add("fewshot", f"{r['probe']}_{r['split']}", r["mean"], r["std"], r["shots"])
+            # Proposition 1 with the train split's CDNVs (the population the shots are drawn from), as an
+            # error in percent: C'=2 beside the mean 2-way NCCC error, C'=C beside the C-way NCCC error.
+            V, Vt = cdnv(trx, try_), directional_cdnv(trx, try_)
+            for n in sorted({r["shots"] for r in rows}):
+                add("fewshot", "bound_2way", 100 * few_shot_bound(Vt, V, n, 2), shots=n)
+                add("fewshot", f"bound_{C}way", 100 * few_shot_bound(Vt, V, n, C), shots=n)
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # the time of the work, not of its launch
+        common.print0(f"  {name} {time.perf_counter() - t:.1f} s")
     return out
 
 
-FIELDS = ["checkpoint", "epoch", "method", "features", "dataset", "precision", "probe", "metric", "shots", "value",
-          "std"]
-KEY = ("checkpoint", "features", "dataset", "precision", "probe", "metric", "shots")  # a row's identity
+def _train_rows(args, path, ckpt, meta, device, cache_dir):
+    """--mode linear-aug | finetune on one checkpoint -> its top-1 / top-5 rows. The train set is augmented
+    with crop + flip, normalised as the checkpoint's data (or as the transfer dataset)."""
+    model, _ = common.load_backbone(ckpt)
+    data = meta["data"]
+    name, size = args.dataset or data["dataset"], int(data["image_size"])
+    info = common.dataset_info(name, size)
+    mean, std = (data["mean"], data["std"]) if name == data["dataset"] else (info.mean, info.std)
+    aug = common.Augment(size, scale=(args.min_crop_scale, 1.0), jitter_p=0.0, gray_p=0.0, mean=mean, std=std)
+    train_set = common.build_dataset(name, "train", aug, args.data_dir or data.get("data_dir"), args.download,
+                                     subset=args.max_train, seed=args.seed,
+                                     image_size=size if name == "digits" else None)
+    C, log = train_set.num_classes, common.print0
+    if args.mode == "linear-aug":
+        tex, tey = _features(args, path, ckpt, "test", device, cache_dir)  # frozen: the cached ones
+        tag, r = "linear_aug", linear_aug(model, train_set, tex, tey, C, args.epochs or 100, args.lr or 0.3,
+                                          args.batch_size or 256, args.lr_schedule, device, args.workers,
+                                          args.seed, log, args.precision)
+    else:
+        samples = getattr(getattr(train_set, "source", None), "samples", None)  # ImageFolder's (file, label)s
+        names = None if samples is None or not args.split_file else [samples[i][0] for i in (
+            range(len(samples)) if train_set.indices is None else train_set.indices.tolist())]
+        idx = label_subset(train_set.targets, args.label_fraction, args.split_file or None, names, args.seed)
+        pct = f"{args.label_fraction * 100:g}pct"
+        tag = "finetune_" + (Path(args.split_file).stem if args.split_file else pct)
+        log(f"  {tag}: {len(idx)} labelled images of {len(train_set)}")
+        low = len(idx) / len(train_set) <= 0.05  # ExCB's 1% setting, else its 10% setting
+        test_loader = common.eval_loader(meta, "test", args.data_dir or None, args.eval_batch_size,
+                                         args.workers, args.max_test, args.dataset or None)
+        lr_backbone, lr_head = args.lr_backbone or (8e-5 if low else 3e-4), args.lr or (1.0 if low else 0.2)
+        labelled = torch.utils.data.Subset(train_set, idx.tolist())
+        r = finetune(model, labelled, test_loader, C, args.epochs or 50, lr_backbone, lr_head,
+                     args.batch_size or 512, device, args.workers, args.seed, log, args.precision)
+    return [{"probe": tag, "metric": m, "value": r[m]} for m in ("top1", "top5")]
 
 
 def _write_results(out_dir, rows):
-    """Merge rows into out_dir/probe.csv and probe.json: a row replaces an earlier one with the same key
-    (checkpoint, features, dataset, probe, metric, shots); rows of other probes or checkpoints are kept."""
-    csv_path = Path(out_dir) / "probe.csv"
-    def key(r):
-        return tuple("" if r.get(k) is None else str(r[k]) for k in KEY)
-    merged = {}
-    if csv_path.is_file():
-        with open(csv_path) as f:
-            for r in csv.DictReader(f):
-                merged[key(r)] = r
-    for r in rows:
-        merged[key(r)] = {k: ("" if r.get(k) is None else r[k]) for k in FIELDS}
-    final = sorted(merged.values(), key=lambda r: (float(r["epoch"]), r["checkpoint"], r["features"],
-                                                   r["dataset"], r["probe"], r["metric"],
-                                                   float(r["shots"] or 0)))
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, FIELDS)
-        w.writeheader()
-        w.writerows(final)
-    num = lambda v: None if v in ("", None) else float(v)
-    js = [{**r, "epoch": int(float(r["epoch"])), "value": num(r["value"]), "std": num(r["std"]),
-           "shots": None if num(r["shots"]) is None else int(num(r["shots"]))} for r in final]
+    """Merge rows into out_dir/probe.csv and probe.json -> every row, as text: a row replaces an earlier one
+    with the same KEY; rows of other probes, checkpoints, features or datasets are kept."""
+    path = Path(out_dir) / "probe.csv"
+    text = [{c: "" if r.get(c) is None else str(r[c]) for c in FIELDS} for r in rows]  # as the CSV holds them
+    if path.is_file():
+        with open(path, newline="") as f:
+            text = [{c: r.get(c) or "" for c in FIELDS} for r in csv.DictReader(f)] + text
+    order = ("checkpoint", "features", "dataset", "probe", "metric")  # after the epoch, before the shots
+    final = sorted({tuple(r[k] for k in KEY): r for r in text}.values(),  # the last row of each KEY
+                   key=lambda r: (float(r["epoch"]), *(r[k] for k in order), float(r["shots"] or 0)))
+    common.write_csv(path, final, FIELDS)
+    js = [{**r, "epoch": int(float(r["epoch"])), "value": float(r["value"]) if r["value"] else None,
+           "std": float(r["std"]) if r["std"] else None, "shots": int(r["shots"]) if r["shots"] else None}
+          for r in final]
     (Path(out_dir) / "probe.json").write_text(json.dumps(js, indent=1))
     return final
 
 
 def _print_table(rows):
     """One line per checkpoint with the headline metrics, then the few-shot table of the last one."""
-    head = [r for r in rows if r["shots"] in ("", None)]
-    cols = list(dict.fromkeys(f"{r['probe']}/{r['metric']}" for r in head))
-    by_ckpt = {}
-    for r in head:
-        col = f"{r['probe']}/{r['metric']}"
-        by_ckpt.setdefault((int(float(r["epoch"])), r["checkpoint"]), {})[col] = r["value"]
-    short = [c.replace("top1_", "").replace("cosine_", "cos_").replace("euclidean_", "euc_") for c in cols]
+    cols, by_ckpt = {}, {}  # the columns in first-seen order (keys); (epoch, checkpoint) -> {column: value}
+    for r in (r for r in rows if not r["shots"]):
+        col = f"{r['probe']}/{r['metric']}".replace("top1_", "").replace("cosine_", "cos_").replace(
+            "euclidean_", "euc_")
+        cols[col] = by_ckpt.setdefault((int(float(r["epoch"])), r["checkpoint"]), {})[col] = r["value"]
     if cols:
-        print(f"{'checkpoint':<24}{'epoch':>6} " + " ".join(f"{s:>16}" for s in short))
+        print(f"{'checkpoint':<24}{'epoch':>6} " + " ".join(f"{c:>16}" for c in cols))
         for (epoch, name), vals in sorted(by_ckpt.items()):
             print(f"{name[:24]:<24}{epoch:>6} " + " ".join(
                 f"{float(vals[c]):>16.4g}" if c in vals else f"{'-':>16}" for c in cols))
@@ -722,177 +679,91 @@ def _print_table(rows):
         # train-split few-shot accuracies go to the CSV only
         fs = [r for r in fs if r["checkpoint"] == last and not r["metric"].endswith("_train")]
         metrics = list(dict.fromkeys(r["metric"] for r in fs))
-        print(f"\nfew-shot, {last} (test accuracy / error in %, mean +- std over repeats; bound: NSCL Prop. 1)")
+        print(f"\nfew-shot, {last} (test accuracy / error %, mean +- std over repeats; bound: NSCL Prop. 1)")
         print(f"{'N':>5} " + " ".join(f"{m:>20}" for m in metrics))
         table = {}
         for r in fs:
-            std = f" +-{float(r['std']):.1f}" if r["std"] not in ("", None) else ""
+            std = f" +-{float(r['std']):.1f}" if r["std"] else ""
             table.setdefault(int(float(r["shots"])), {})[r["metric"]] = f"{float(r['value']):.2f}{std}"
         for n in sorted(table):
             print(f"{n:>5} " + " ".join(f"{table[n].get(m, '-'):>20}" for m in metrics))
 
 
 def _plots(out_dir, rows, features):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """probe_epoch_<features>.png: top-1 of every probe and the 1-/5-shot accuracies against the epoch (with
+    several checkpoints); probe_fewshot_<ckpt>_<features>.png: the last checkpoint's few-shot accuracy and
+    2-way error beside the NSCL bound, against N. -> the paths written."""
+    from matplotlib.figure import Figure  # no pyplot: no backend, no window, nothing to close
 
-    paths = []
-    rows = [r for r in rows if r["features"] == features]
-    epochs = sorted({int(float(r["epoch"])) for r in rows})
-    series = {}
-    for r in rows:
-        m = r["metric"]
-        if r["probe"] in ("knn", "linear", "linear_aug") or r["probe"].startswith("finetune"):
-            if m.startswith("top1"):
-                series.setdefault(f"{r['probe']} {m}", {})[int(float(r["epoch"]))] = float(r["value"])
-        elif r["probe"] == "fewshot" and m in ("nccc_test", "linear_test") and r["shots"] in ("1", "5", 1, 5):
-            series.setdefault(f"{m.split('_')[0]} {int(float(r['shots']))}-shot", {})[
-                int(float(r["epoch"]))] = float(r["value"])
-    if len(epochs) > 1 and series:
-        fig, ax = plt.subplots(figsize=(6, 4))
+    rows, figs, series = [r for r in rows if r["features"] == features], {}, {}  # figs: file name -> figure
+    for r in rows:  # series: curve -> {epoch: value}
+        p, m, epoch = r["probe"], r["metric"], int(float(r["epoch"]))
+        if (p in ("knn", "linear", "linear_aug") or p.startswith("finetune")) and m.startswith("top1"):
+            series.setdefault(f"{p} {m}", {})[epoch] = float(r["value"])
+        elif p == "fewshot" and m in ("nccc_test", "linear_test") and r["shots"] in ("1", "5"):
+            series.setdefault(f"{m.split('_')[0]} {r['shots']}-shot", {})[epoch] = float(r["value"])
+    if len({int(float(r["epoch"])) for r in rows}) > 1 and series:
+        ax = Figure(figsize=(6, 4)).subplots()
         for name, pts in series.items():
-            xs = sorted(pts)
-            ax.plot(xs, [pts[e] for e in xs], marker="o", label=name)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("test accuracy (%)")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        paths.append(Path(out_dir) / f"probe_epoch_{features}.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+            ax.plot(sorted(pts), [pts[e] for e in sorted(pts)], marker="o", label=name)
+        ax.set(xlabel="epoch", ylabel="test accuracy (%)")
+        figs[f"probe_epoch_{features}.png"] = ax.figure
     fs = [r for r in rows if r["probe"] == "fewshot"]
     if fs:
         last = max(fs, key=lambda r: (float(r["epoch"]), r["checkpoint"]))["checkpoint"]
-        fs = [r for r in fs if r["checkpoint"] == last]
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-        for m, ax, kind in (("nccc_test", a1, "acc"), ("linear_test", a1, "acc"),
-                            ("nccc_2way_err_test", a2, "err"), ("bound_2way", a2, "err")):
+        a1, a2 = Figure(figsize=(10, 4)).subplots(1, 2)
+        for m, ax in (("nccc_test", a1), ("linear_test", a1), ("nccc_2way_err_test", a2), ("bound_2way", a2)):
             pts = sorted((int(float(r["shots"])), float(r["value"]), float(r["std"] or 0)) for r in fs
-                         if r["metric"] == m)
+                         if r["checkpoint"] == last and r["metric"] == m)
             if pts:
                 n, v, s = zip(*pts)
                 ax.errorbar(n, v, yerr=s, marker="o", capsize=2, label=m)
         a2.axhline(100, color="grey", ls="--", lw=1)  # a bound above 100 % says nothing
-        a1.set_ylabel("test accuracy (%)")
-        a2.set_ylabel("2-way error (%)")
-        a2.set_yscale("log")
-        for ax in (a1, a2):
-            ax.set_xscale("log")
-            ax.set_xlabel("shots per class N")
+        a1.set(xscale="log", xlabel="shots per class N", ylabel="test accuracy (%)")
+        a2.set(xscale="log", xlabel="shots per class N", ylabel="2-way error (%)", yscale="log")
+        a1.figure.suptitle(f"{last} ({features}): few-shot probes and the NSCL bound (Prop. 1)", fontsize=9)
+        figs[f"probe_fewshot_{Path(last).stem}_{features}.png"] = a1.figure
+    for name, fig in figs.items():
+        for ax in fig.axes:
             ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
-        fig.suptitle(f"{last} ({features}): few-shot probes and the NSCL bound (Prop. 1)", fontsize=9)
         fig.tight_layout()
-        paths.append(Path(out_dir) / f"probe_fewshot_{Path(last).stem}_{features}.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
-    return paths
-
-
-def _mode_sets(args, meta):
-    """Augmented train set (crop+flip, the checkpoint's or the transfer dataset's normalisation) and the
-    number of classes, for linear-aug and finetune."""
-    data = meta["data"]
-    name = args.dataset or data["dataset"]
-    size = int(data["image_size"])
-    info = common.dataset_info(name, size)
-    mean, std = (data["mean"], data["std"]) if name == data["dataset"] else (info.mean, info.std)
-    aug = common.Augment(size, scale=(args.min_crop_scale, 1.0), jitter_p=0.0, gray_p=0.0, mean=mean, std=std)
-    train = common.build_dataset(name, "train", aug, args.data_dir or data.get("data_dir"), args.download,
-                                 subset=args.max_train, seed=args.seed,
-                                 image_size=size if name == "digits" else None)
-    return train
-
-
-def _probe_checkpoint(args, path, ckpt, device, cache_dir):
-    """--mode probe: cached train/test features (projected when asked) -> the selected probes' rows."""
-    t = time.perf_counter()
-    trx, try_, hit_tr = _features(path, ckpt, "train", args, device, cache_dir)
-    tex, tey, hit_te = _features(path, ckpt, "test", args, device, cache_dir)
-    if args.features == "projector":
-        proj = _projector(ckpt, path)
-        trx, tex = proj(trx), proj(tex)
-    common.print0(f"  {args.features} features train {tuple(trx.shape)} test {tuple(tex.shape)} "
-                  f"({'cached' if hit_tr and hit_te else f'{time.perf_counter() - t:.1f} s'})")
-    return _probe_rows(args, trx, try_, tex, tey, device, common.print0)
-
-
-def _train_checkpoint(args, path, ckpt, meta, device, cache_dir):
-    """--mode linear-aug | finetune on one checkpoint -> rows (probe, metric, value, std, shots)."""
-    model, _ = common.load_backbone(ckpt)
-    train_set = _mode_sets(args, meta)
-    C = train_set.num_classes
-    if args.mode == "linear-aug":
-        tex, tey, _ = _features(path, ckpt, "test", args, device, cache_dir)  # frozen: the cached ones
-        r = linear_aug(model, train_set, tex, tey, C, args.epochs or 100, args.lr or 0.3,
-                       args.batch_size or 256, args.lr_schedule, device, args.workers, args.seed, common.print0,
-                       args.precision)
-        return [("linear_aug", "top1", r["top1"], None, None), ("linear_aug", "top5", r["top5"], None, None)]
-    names = None  # file names, for SimCLR split files on ImageFolder data
-    if args.split_file and hasattr(getattr(train_set, "source", None), "samples"):
-        names = [s[0] for s in train_set.source.samples]
-        if train_set.indices is not None:
-            names = [names[i] for i in train_set.indices.tolist()]
-    idx = label_subset(train_set.targets, args.label_fraction, args.split_file or None, names, args.seed)
-    tag = (f"finetune_{Path(args.split_file).stem}" if args.split_file
-           else f"finetune_{args.label_fraction * 100:g}pct")
-    common.print0(f"  {tag}: {len(idx)} labelled images of {len(train_set)}")
-    low = len(idx) / len(train_set) <= 0.05  # ExCB's 1% setting, else its 10% setting
-    test_loader = common.eval_loader(meta, "test", args.data_dir or None, args.eval_batch_size, args.workers,
-                                     args.max_test, args.dataset or None)
-    r = finetune(model, torch.utils.data.Subset(train_set, idx.tolist()), test_loader, C, args.epochs or 50,
-                 args.lr_backbone or (8e-5 if low else 3e-4), args.lr or (1.0 if low else 0.2),
-                 args.batch_size or 512, device, args.workers, args.seed, common.print0, args.precision)
-    return [(tag, "top1", r["top1"], None, None), (tag, "top5", r["top5"], None, None)]
+        fig.savefig(Path(out_dir) / name, dpi=120)
+    return [Path(out_dir) / name for name in figs]
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and not argv[0].startswith("-"):
-        argv = ["--path"] + argv  # the checkpoint or run directory may come first, without a flag
-    args = common.parse_args(Args, {}, argv)
+    args = common.parse_args(Args, {}, common.path_first(argv, "--path"),
+                             usage="python probe.py CHECKPOINT_OR_RUN_DIR [--flag VALUE ...]")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise common.UsageError("argument --device: cuda is not available on this machine; use auto or cpu")
     device = common.select_device() if args.device == "auto" else torch.device(args.device)
     if args.mode == "bench":
         return bench(args, device)
     if not args.path:
-        sys.exit("error: give a checkpoint file or run directory: python probe.py RUN_DIR [flags]")
-    if args.features not in ("backbone", "projector"):
-        sys.exit(f"error: --features must be backbone or projector, got {args.features!r}")
-    if args.precision not in ("fp32", "bf16"):
-        sys.exit(f"error: --precision takes fp32 | bf16, got {args.precision!r}")
-    if args.mode not in ("probe", "linear-aug", "finetune"):
-        sys.exit(f"error: unknown --mode {args.mode!r}")
-    unknown = {p.strip() for p in args.probes.split(",") if p.strip()} - set(PROBES)
-    if unknown:
-        sys.exit(f"error: unknown probe(s) {sorted(unknown)}; choose from {','.join(PROBES)}")
-    paths = common.list_checkpoints(args.path)
-    run_dir = _run_dir(args.path)
-    out_dir = Path(args.out_dir) if args.out_dir else run_dir
+        raise common.UsageError("give a checkpoint file or run directory: python probe.py RUN_DIR [flags]")
+    run_dir = common.run_dir_of(args.path)
+    out_dir, cache_dir = Path(args.out_dir or run_dir), run_dir / "features"
+    features = args.features if args.mode == "probe" else "backbone"
+    if features != args.features:
+        common.print0("note: linear-aug and finetune train on the backbone; --features ignored")
     rows, t_all = [], time.perf_counter()
-    for path in paths:
+    for path in common.list_checkpoints(args.path):
         ckpt = common.load_checkpoint(path)
         meta = common.checkpoint_meta(ckpt, path)
         dataset = args.dataset or meta["data"]["dataset"]
-        common.print0(f"{path.name}: {meta['method']} epoch {meta['epoch']}, {args.features} features, "
-                      f"{dataset}")
-        base = {"checkpoint": path.name, "epoch": meta["epoch"], "method": meta["method"],
-                "features": args.features, "dataset": dataset, "precision": args.precision}
-        if args.mode == "probe":
-            results = _probe_checkpoint(args, path, ckpt, device, run_dir / "features")
-        else:
-            if args.features == "projector":
-                common.print0("  note: linear-aug and finetune train on the backbone; --features ignored")
-                base["features"] = "backbone"
-            results = _train_checkpoint(args, path, ckpt, meta, device, run_dir / "features")
-        rows += [{**base, "probe": p, "metric": m, "value": v, "std": s, "shots": n}
-                 for p, m, v, s, n in results]
+        common.print0(f"{path.name}: {meta['method']} epoch {meta['epoch']}, {features} features, {dataset}")
+        results = (_run_probes(args, *_features(args, path, ckpt, "train", device, cache_dir),
+                               *_features(args, path, ckpt, "test", device, cache_dir), device)
+                   if args.mode == "probe" else _train_rows(args, path, ckpt, meta, device, cache_dir))
+        rows += [{"checkpoint": path.name, "epoch": meta["epoch"], "method": meta["method"],
+                  "features": features, "dataset": dataset, "precision": args.precision, **r}
+                 for r in results]
     final = _write_results(out_dir, rows)
     _print_table([r for r in final if (r["checkpoint"], r["features"], r["dataset"]) in
                   {(x["checkpoint"], x["features"], x["dataset"]) for x in rows}])
     if args.plots:
-        for p in _plots(out_dir, [r for r in final if r["dataset"] == rows[0]["dataset"]], rows[0]["features"]):
+        for p in _plots(out_dir, [r for r in final if r["dataset"] == rows[0]["dataset"]], features):
             common.print0(f"wrote {p}")
     common.print0(f"wrote {out_dir / 'probe.csv'} and probe.json ({len(rows)} rows, "
                   f"{time.perf_counter() - t_all:.1f} s)")
@@ -902,53 +773,27 @@ def main(argv=None):
 
 
 def bench(args, device, n_train=50000, n_test=10000, dim=512, classes=10):
-    """Time every probe on synthetic Gaussian-mixture features (50,000 x 512 train, 10,000 x 512 test,
-    10 classes) and scikit-learn's LogisticRegression on the same features."""
+    """Time the probes of --probes (as `python probe.py RUN` runs them, few-shot on the test split only) on
+    synthetic Gaussian-mixture features, 50,000 x 512 train and 10,000 x 512 test in 10 classes, and, with
+    linear, scikit-learn's LogisticRegression (lbfgs, C = 1) on the same features."""
     g = torch.Generator().manual_seed(args.seed)
     mu = torch.randn(classes, dim, generator=g) * 0.12
     scale = torch.rand(dim, generator=g) + 0.5  # anisotropic noise, as real features have
-
-    def make(n):
+    feats = []
+    for n in (n_train, n_test):
         y = torch.randint(0, classes, (n,), generator=g)
-        return mu[y] + torch.randn(n, dim, generator=g) * scale, y
+        feats += [mu[y] + torch.randn(n, dim, generator=g) * scale, y]
+    print(f"bench on {device}, {torch.get_num_threads()} threads: train {tuple(feats[0].shape)}, "
+          f"test {tuple(feats[2].shape)}")
+    rows = _run_probes(args, *feats, device, eval_train=False)
+    _print_table([{"checkpoint": "synthetic", "epoch": 0, **r} for r in rows])
+    if "linear" in args.probes.split(","):
+        from sklearn.linear_model import LogisticRegression
 
-    (trx, try_), (tex, tey) = make(n_train), make(n_test)
-    trx, try_, tex, tey = trx.to(device), try_.to(device), tex.to(device), tey.to(device)
-    print(f"bench on {device}, {torch.get_num_threads()} threads: train {tuple(trx.shape)}, "
-          f"test {tuple(tex.shape)}")
-
-    def timed(name, fn):
         t = time.perf_counter()
-        r = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        print(f"{name:<44} {time.perf_counter() - t:8.1f} s   {r}", flush=True)
-        return r
-
-    probes = args.probes.split(",")
-    if "knn" in probes:
-        timed("knn cosine k=20", lambda: knn_accuracy(trx, try_, tex, tey))
-        timed("knn euclidean k=5", lambda: knn_accuracy(trx, try_, tex, tey, k=5, metric="euclidean"))
-    epochs = args.epochs or 500
-    if "linear" in probes:
-        timed(f"linear_probe ({epochs} epochs)",
-              lambda: linear_probe(trx, try_, tex, tey, epochs=epochs, device=device))
-    if "fewshot" in probes:
-        timed(f"few_shot (N={','.join(map(str, args.shots))}, R={args.repeats}, test only)",
-              lambda: {(r["probe"], r["shots"]): round(r["mean"], 1) for r in
-                       few_shot(trx, try_, tex, tey, args.shots, args.repeats, epochs=args.fewshot_epochs,
-                                eval_train=False, device=device) if r["probe"] != "nccc_2way_err"})
-    if "cdnv" in probes:
-        timed("cdnv + directional_cdnv (train)",
-              lambda: (round(cdnv(trx, try_), 4), round(directional_cdnv(trx, try_), 4)))
-    if "linear" not in probes:
-        return
-    from sklearn.linear_model import LogisticRegression
-
-    def sk():
-        clf = LogisticRegression(max_iter=1000).fit(trx.cpu().numpy(), try_.cpu().numpy())
-        return {"top1": 100 * clf.score(tex.cpu().numpy(), tey.cpu().numpy()), "iters": int(clf.n_iter_[0])}
-    timed("sklearn LogisticRegression (lbfgs, C=1)", sk)
+        clf = LogisticRegression(max_iter=1000).fit(feats[0].numpy(), feats[1].numpy())
+        print(f"sklearn LogisticRegression (lbfgs, C=1): {time.perf_counter() - t:.1f} s, top-1 "
+              f"{100 * clf.score(feats[2].numpy(), feats[3].numpy()):.2f} %, {clf.n_iter_[0]} iterations")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def _supervised_convnet(epochs=2):
     head = nn.Linear(dim, 10)
     opt = torch.optim.Adam(list(model.parameters()) + list(head.parameters()), lr=3e-3)
     model.train()
-    with probe._Threads("cpu"):  # small steps: one thread avoids OpenMP contention on shared cores
+    with common.cpu_threads(1):  # small steps: one thread avoids OpenMP contention on shared cores
         _fit(model, head, opt, x, ds.targets, epochs)
     return model.eval()
 
@@ -241,3 +241,48 @@ def test_transfer_to_another_dataset(tmp_path):
     assert (tmp_path / "features" / "ckpt_epoch0001_digits_train_backbone_fp32_n500.pt").is_file()
     te = torch.load(tmp_path / "features" / "ckpt_epoch0001_digits_test_backbone_fp32_n200.pt", weights_only=True)
     assert te["x"].shape == (200, 128)
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--mode", "train"], "--mode"), (["--features", "z"], "--features"), (["--precision", "fp16"], "--precision"),
+    (["--probes", "knn,foo"], "--probes"), (["--probes", ","], "--probes"), (["--lr-schedule", "linear"],
+                                                                             "--lr-schedule"),
+    (["--device", "tpu"], "--device"), (["--dataset", "mnist"], "--dataset"), (["--knn-k", "0"], "--knn-k"),
+    (["--knn-temperature", "nan"], "--knn-temperature"), (["--epochs", "-1"], "--epochs"), (["--lr", "inf"], "--lr"),
+    (["--shots", "1", "0"], "--shots"), (["--repeats", "0"], "--repeats"), (["--max-train", "-5"], "--max-train"),
+    (["--max-test", "-1"], "--max-test"), (["--label-fraction", "0"], "--label-fraction"),
+    (["--label-fraction", "1.5"], "--label-fraction"), (["--min-crop-scale", "0"], "--min-crop-scale"),
+])
+def test_bad_flags_are_one_line_usage_errors_before_any_work(tmp_path, capsys, argv, flag):
+    """Checked from the Args metadata (common.parse_args) before the (missing) checkpoint is looked at: exit 2,
+    one `error: argument --flag: ...` line, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        _main([tmp_path / "missing.pt", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: argument {flag}"), err
+
+
+def test_device_cuda_without_cuda_and_no_path_are_usage_errors(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for argv, text in (([tmp_path, "--device", "cuda"], "error: argument --device: cuda is not available"),
+                       ([], "error: give a checkpoint file or run directory")):
+        with pytest.raises(SystemExit) as e:
+            _main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith(text), err
+
+
+def test_probe_list_is_normalised():
+    args = common.parse_args(probe.Args, {}, common.path_first(["run", "--probes", " knn,,linear "], "--path"))
+    assert (args.path, args.probes) == ("run", "knn,linear")
+
+
+def test_bench_times_every_probe(capsys):
+    """--mode bench's code path on small synthetic features (the real run: 50,000 x 512, see docs/probe.md)."""
+    args = common.parse_args(probe.Args, {}, ["--mode", "bench", "--epochs", "3", "--shots", "1", "5",
+                                              "--repeats", "2", "--fewshot-epochs", "2"])
+    probe.bench(args, torch.device("cpu"), n_train=600, n_test=200, dim=16, classes=4)
+    out = capsys.readouterr().out
+    for text in ("  knn ", "  linear ", "  cdnv ", "  fewshot ", "synthetic", "few-shot, synthetic",
+                 "sklearn LogisticRegression"):
+        assert text in out, text

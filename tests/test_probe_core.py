@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
 import probe  # noqa: E402
 
 
@@ -27,7 +28,7 @@ def _blobs(n, d, c, spread=1.0, seed=0, scale=None):
     return mu[y] + noise, y
 
 
-# ----- k-NN -------------------------------------------------------------------------------------------
+# ----- k-NN (common.knn_predict / knn_accuracy: the k-NN probe of probe.py and monitor.py) -------------------
 
 
 def _knn_slow(train_x, train_y, test_x, k, T, metric, C):
@@ -55,7 +56,7 @@ def test_knn_matches_slow_reference(metric, k):
     x, y = _blobs(300, 6, 5, spread=0.7, seed=1)
     tx, ty = x[:240], y[:240]
     qx = x[240:].double()
-    pred = probe.knn_predict(tx.double(), ty, qx, k=k, temperature=0.07, metric=metric,
+    pred = common.knn_predict(tx.double(), ty, qx, k=k, temperature=0.07, metric=metric,
                              chunk_elems=240 * 7).argmax(1)  # 7 test rows per chunk: several chunks
     assert torch.equal(pred, _knn_slow(tx.double(), ty, qx, k, 0.07, metric, 5))
 
@@ -66,11 +67,11 @@ def test_knn_euclidean_matches_sklearn_with_vote_ties():
     # 7 classes, k=5, 2-d overlapping blobs: many 2-2-1 vote ties, which both break to the smallest label.
     x, y = _blobs(1200, 2, 7, spread=0.5, seed=2)
     tx, ty, qx, qy = x[:1000].double(), y[:1000], x[1000:].double(), y[1000:]
-    ours = probe.knn_predict(tx, ty, qx, k=5, metric="euclidean").argmax(1)
+    ours = common.knn_predict(tx, ty, qx, k=5, metric="euclidean").argmax(1)
     with threadpool_limits(1):
         ref = KNeighborsClassifier(n_neighbors=5).fit(tx.numpy(), ty.numpy()).predict(qx.numpy())
     assert (ours.numpy() == ref).all()
-    acc = probe.knn_accuracy(tx, ty, qx, qy, k=5, metric="euclidean")
+    acc = common.knn_accuracy(tx, ty, qx, qy, k=5, metric="euclidean")
     assert acc == pytest.approx(100 * (ref == qy.numpy()).mean())
 
 
