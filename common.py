@@ -43,6 +43,7 @@ import contextlib
 import csv
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -60,9 +61,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as tdist
+import torch.distributed.nn  # noqa: F401  (tdist.nn.functional.all_gather: gather_with_grad)
 import torch.nn as nn
 import torchvision
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
+from torchvision.ops import stochastic_depth
 from torchvision.transforms import v2
 
 # ================================================================================================
@@ -143,50 +146,25 @@ def seed_everything(seed: int, rank: int = 0) -> None:
     torch.manual_seed(seed + rank)
 
 
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward routes every rank's gradient back to the rank that owns the slice.
-
-    Forward: x_r (B, ...) on each rank r -> X = cat(x_0, ..., x_{W-1}) (W*B, ...) on every rank.
-    Backward: rank r' holds dL_{r'}/dX for its own loss L_{r'}. The gradient of the total loss
-    sum_{r'} L_{r'} with respect to x_r is sum_{r'} dL_{r'}/dX[slice r], so we all-reduce (sum) the
-    incoming gradient and return this rank's slice. (The official NSCL GatherLayer returns the local slice
-    without the sum but computes the WHOLE global loss on every process, so nothing is dropped there: after
-    DDP's average its parameter gradient is the right direction scaled by 1/W.)
-    With DDP averaging parameter gradients over W ranks, a loss that is the mean over LOCAL anchors
-    against GATHERED candidates then has exactly the gradient of the global-batch mean loss.
-    """
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.batch = x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(tdist.get_world_size())]
-        tdist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        tdist.all_reduce(grad, op=tdist.ReduceOp.SUM)
-        r = tdist.get_rank()
-        return grad[r * ctx.batch:(r + 1) * ctx.batch]
-
-
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """(B, ...) -> (W*B, ...) in rank order, differentiable (see _GatherWithGrad). B must match on all
-    ranks (drop_last=True loaders guarantee it). Identity at world size 1."""
-    if get_world_size() == 1:
-        return x
-    return _GatherWithGrad.apply(x)
+    """(B, ...) -> (W*B, ...) in rank order, differentiable; B must match on all ranks (drop_last=True loaders
+    guarantee it). Identity at world size 1.
+
+    Forward: x_r on each rank r -> X = cat(x_0, ..., x_{W-1}) on every rank. Backward: rank r' holds
+    dL_{r'}/dX for its own loss L_{r'}; the gradient of the total loss sum_{r'} L_{r'} with respect to x_r is
+    sum_{r'} dL_{r'}/dX[slice r], which is what torch.distributed.nn's all_gather returns (a reduce-scatter of
+    the incoming gradients, summed). (The official NSCL GatherLayer returns the local slice without the sum but
+    computes the WHOLE global loss on every process, so nothing is dropped there: after DDP's average its
+    parameter gradient is the right direction scaled by 1/W.) With DDP averaging parameter gradients over W
+    ranks, a loss that is the mean over LOCAL anchors against GATHERED candidates then has exactly the gradient
+    of the global-batch mean loss (tests/test_common_distributed.py)."""
+    return x if get_world_size() == 1 else torch.cat(tdist.nn.functional.all_gather(x))
 
 
 @torch.no_grad()
 def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
     """(B, ...) -> (W*B, ...) in rank order, without gradient (momentum features, labels)."""
-    if get_world_size() == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(get_world_size())]
-    tdist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+    return gather_with_grad(x)
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
@@ -200,9 +178,7 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean over ranks; returns a new tensor. Identity at world size 1."""
-    if get_world_size() == 1:
-        return x
-    return all_reduce_sum(x) / get_world_size()
+    return x if get_world_size() == 1 else all_reduce_sum(x) / get_world_size()
 
 
 def ddp_wrap(model: nn.Module, dist: DistInfo, **ddp_kwargs) -> nn.Module:
@@ -221,13 +197,9 @@ def ddp_wrap(model: nn.Module, dist: DistInfo, **ddp_kwargs) -> nn.Module:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """Strip DistributedDataParallel (.module) and torch.compile (._orig_mod) wrappers."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
+    while isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
+        model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
+    return model
 
 
 # --- precision: --precision auto|bf16|fp16|fp32 on every training script; evaluation extracts in fp32 -----------
@@ -246,11 +218,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return precision
     if device.type != "cuda":
         return "fp32"
-    try:
-        native = torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # older torch: no emulation flag; compute capability 8.0+ has bf16 tensor cores
-        native = torch.cuda.get_device_capability(device)[0] >= 8
-    return "bf16" if native else "fp16"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
 
 
 def autocast(device: torch.device, precision: str):
@@ -261,12 +229,13 @@ def autocast(device: torch.device, precision: str):
 
 
 class MixedPrecision:
-    """A training loop's precision: its autocast context and the backward + optimizer step that fp16 needs.
+    """A training loop's precision: its autocast context and the GradScaler that fp16 needs.
 
-    fp16 has a 5-bit exponent, so small gradients underflow to 0: a GradScaler multiplies the loss by a large
-    factor before backward, unscales before clipping and the step, skips steps whose gradients overflowed and
-    adapts the factor. bf16 has fp32's exponent range and needs none of it (the scaler is then disabled and
-    every call below is a plain backward / step). Its state goes into checkpoints for exact resume."""
+    fp16 has a 5-bit exponent, so small gradients underflow to 0: the loop's `scaler.scale(loss).backward()`
+    multiplies the loss by a large factor, `scaler.unscale_(opt)` undoes it before clipping, `scaler.step(opt)`
+    skips steps whose gradients overflowed and `scaler.update()` adapts the factor. bf16 has fp32's exponent
+    range and needs none of it: the scaler is then disabled and each of those calls is a plain backward / step /
+    no-op. Its state goes into checkpoints for exact resume."""
 
     def __init__(self, precision: str, device: torch.device):
         self.name, self.device = resolve_precision(precision, device), device
@@ -274,15 +243,6 @@ class MixedPrecision:
 
     def autocast(self):
         return autocast(self.device, self.name)
-
-    def backward_step(self, loss, optimizer, clip_params=None, clip: float = 0.0) -> None:
-        """backward, optional global-norm clipping of clip_params at `clip`, optimizer step (scaled in fp16)."""
-        self.scaler.scale(loss).backward()
-        if clip > 0:
-            self.scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
-            nn.utils.clip_grad_norm_(clip_params, clip)
-        self.scaler.step(optimizer)
-        self.scaler.update()
 
     def state_dict(self) -> dict:
         return self.scaler.state_dict() if self.scaler.is_enabled() else {}
@@ -443,9 +403,8 @@ class _DigitsSource:
         from sklearn.model_selection import train_test_split
 
         d = load_digits()
-        idx = np.arange(len(d.target))
-        train_idx, test_idx = train_test_split(idx, test_size=0.2, stratify=d.target, random_state=0)
-        idx = train_idx if split == "train" else test_idx
+        idx = train_test_split(np.arange(len(d.target)), test_size=0.2, stratify=d.target,
+                               random_state=0)[0 if split == "train" else 1]
         x = torch.tensor(d.images[idx], dtype=torch.float32)[:, None] / 16.0  # (N, 1, 8, 8) in [0, 1]
         x = nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
         self.images = (x.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
@@ -458,11 +417,10 @@ class _DigitsSource:
         return self.images[i], int(self.targets[i])
 
 
-def _missing(what: str, path: Path, name: str, extra: str = "") -> DatasetNotFoundError:
-    return DatasetNotFoundError(
-        f"{what} not found: looked for {path}. Download it into --data-dir with --download "
-        f"(e.g. `python resa.py --dataset {name} --data-dir {path.parent} --download`), or pass the "
-        f"--data-dir that holds it.{extra}")
+# torchvision's datasets: name -> (folder under --data-dir, torchvision class, label attribute, name in messages)
+_TORCHVISION = {"cifar10": ("cifar-10-batches-py", "CIFAR10", "targets", "CIFAR-10"),
+                "cifar100": ("cifar-100-python", "CIFAR100", "targets", "CIFAR-100"),
+                "stl10": ("stl10_binary", "STL10", "labels", "STL-10")}
 
 
 def _cifar100_coarse(root: Path, train: bool):
@@ -486,37 +444,35 @@ def build_dataset(name: str, split: str, transform=None, data_dir: str | None = 
     skip_bad is replaced by the next readable image and counted (ImageDataset.load)."""
     if split not in ("train", "test", "unlabeled", "train+unlabeled"):
         raise ValueError(f"unknown split {split!r}")
+    if name not in _DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     root = Path(data_dir or "data").expanduser()
     coarse = coarse_names = None
     if name == "digits":
         source = _DigitsSource("train" if split == "train" else "test", image_size or 32)
         targets, classes = source.targets, [str(c) for c in range(10)]
-    elif name in ("cifar10", "cifar100"):
-        folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
-        if not folder.is_dir() and not download:
-            raise _missing(name.upper().replace("CIFAR", "CIFAR-"), folder, name)
-        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-        source = cls(str(root), train=(split == "train"), download=download)
-        targets, classes = source.targets, source.classes
+    elif name in _TORCHVISION:
+        folder, cls, label_attr, title = _TORCHVISION[name]
+        if not (root / folder).is_dir() and not download:
+            raise DatasetNotFoundError(
+                f"{title} not found: looked for {root / folder}. Download it into --data-dir with --download "
+                f"(e.g. `python resa.py --dataset {name} --data-dir {root} --download`), or pass the "
+                f"--data-dir that holds it.")
+        how = {"split": split} if name == "stl10" else {"train": split == "train"}
+        source = getattr(torchvision.datasets, cls)(str(root), download=download, **how)
+        targets, classes = getattr(source, label_attr), source.classes
         if name == "cifar100":
             coarse, coarse_names = _cifar100_coarse(root, split == "train")
-    elif name == "stl10":
-        folder = root / "stl10_binary"
-        if not folder.is_dir() and not download:
-            raise _missing("STL-10", folder, name)
-        source = torchvision.datasets.STL10(str(root), split=split, download=download)
-        targets, classes = source.labels, source.classes
-    elif name == "imagefolder":
-        if split == "train":
-            folder = root / "train"
-        else:
-            folder = next((root / s for s in ("val", "test") if (root / s).is_dir()), root / "val")
+    else:  # imagefolder
+        folder = root / "train" if split == "train" else next(
+            (root / s for s in ("val", "test") if (root / s).is_dir()), root / "val")
         if not folder.is_dir():
             raise DatasetNotFoundError(
                 f"ImageFolder split {split!r} not found: looked for {folder} (expected the layout "
                 f"{root}/train/<class>/*.jpg and {root}/val/<class>/* or {root}/test/<class>/*). For the "
-                f"CIFAR-10 JPEG copy: `mkdir -p data/cifar10-jpeg && tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C data/cifar10-jpeg` "
-                f"and pass --data-dir data/cifar10-jpeg --image-size 32.")
+                f"CIFAR-10 JPEG copy: `mkdir -p data/cifar10-jpeg && tar -xzf "
+                f"../shared/data/cifar10-jpeg.tar.gz -C data/cifar10-jpeg` and pass --data-dir data/cifar10-jpeg "
+                f"--image-size 32.")
         try:
             source = torchvision.datasets.ImageFolder(str(folder), loader=_ReadRGB(folder))
         except FileNotFoundError as e:  # no class folder, or a class folder without any image file
@@ -524,17 +480,14 @@ def build_dataset(name: str, split: str, transform=None, data_dir: str | None = 
                 f"ImageFolder {folder} holds no usable images: {e} Expected {folder}/<class>/<image> with one "
                 f"non-empty folder per class; remove empty class folders or add their images.") from None
         targets, classes = source.targets, source.classes
-    else:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     indices = None
     if subset and subset < len(targets):
         from sklearn.model_selection import train_test_split
 
         t = np.asarray(targets)
         strat = t if (t >= 0).all() and np.bincount(t).min() >= 2 else None
-        indices, _ = train_test_split(np.arange(len(t)), train_size=subset, stratify=strat,
-                                      random_state=seed)
-        indices = np.sort(indices)
+        indices = np.sort(train_test_split(np.arange(len(t)), train_size=subset, stratify=strat,
+                                           random_state=seed)[0])
     return ImageDataset(source, targets, classes, transform, indices, coarse, coarse_names, name, skip_bad)
 
 
@@ -664,9 +617,8 @@ class _SeededViews(Dataset):
         sample_seed = int(np.random.SeedSequence([self.seed, epoch, int(i)]).generate_state(1)[0])
         # In the main process (workers=0): leave the caller's RNG untouched, and run the many tiny
         # per-image ops on one thread (5x faster than letting each spin up the intra-op pool).
-        in_main = torch.utils.data.get_worker_info() is None
-        threads = torch.get_num_threads()
-        if in_main and threads > 1:
+        threads = torch.get_num_threads() if torch.utils.data.get_worker_info() is None else 1
+        if threads > 1:
             torch.set_num_threads(1)
         try:
             with torch.random.fork_rng(devices=[]):
@@ -676,10 +628,10 @@ class _SeededViews(Dataset):
                 if not hasattr(self.dataset, "load"):  # e.g. a torch Subset of an ImageDataset (probe.py)
                     return (*self.dataset[i], 0)
                 image, label, skipped = self.dataset.load(i)
-                transform = self.dataset.transform
-                return (transform(image) if transform is not None else image), label, skipped
+                t = self.dataset.transform
+                return (t(image) if t is not None else image), label, skipped
         finally:
-            if in_main and threads > 1:
+            if threads > 1:
                 torch.set_num_threads(threads)
 
 
@@ -692,10 +644,9 @@ class _EpochBatches:
     def __len__(self):
         return len(self.batch_sampler) - self.start
 
-    def __iter__(self):
-        for b, batch in enumerate(self.batch_sampler):
-            if b >= self.start:  # skipped batches cost their indices only: no image is loaded
-                yield [(self.epoch, i) for i in batch]
+    def __iter__(self):  # skipped batches cost their indices only: no image is loaded
+        for batch in itertools.islice(self.batch_sampler, self.start, None):
+            yield [(self.epoch, i) for i in batch]
 
 
 class EpochLoader:
@@ -737,10 +688,7 @@ class EpochLoader:
             yield views, labels
 
 
-def build_loader(dataset, batch_size, dist: DistInfo, workers=0, shuffle=True, drop_last=True, seed=0,
-                 batch_sampler=None) -> EpochLoader:
-    """Training loader; `batch_size` is PER RANK (method files derive it from the global --batch-size)."""
-    return EpochLoader(dataset, batch_size, dist, workers, shuffle, drop_last, seed, batch_sampler)
+build_loader = EpochLoader  # the scripts' name for it; `batch_size` is PER RANK (split_batch gives it)
 
 
 # ================================================================================================
@@ -1318,14 +1266,11 @@ def _widen_resnet(m: torchvision.models.ResNet, width: int, zero_init_residual: 
     """Multiply every channel count of a torchvision ResNet by `width` (SimCLR's ResNet-50 (x2): stem,
     bottleneck and projection convs all widened; 4096-d output), then redo torchvision's init."""
     block = type(m.layer1[0])
-    depths = [len(m.layer1), len(m.layer2), len(m.layer3), len(m.layer4)]
     m.inplanes, m.dilation = 64 * width, 1
-    m.conv1 = nn.Conv2d(3, 64 * width, 7, 2, 3, bias=False)
-    m.bn1 = nn.BatchNorm2d(64 * width)
-    m.layer1 = m._make_layer(block, 64 * width, depths[0])
-    m.layer2 = m._make_layer(block, 128 * width, depths[1], stride=2)
-    m.layer3 = m._make_layer(block, 256 * width, depths[2], stride=2)
-    m.layer4 = m._make_layer(block, 512 * width, depths[3], stride=2)
+    m.conv1, m.bn1 = nn.Conv2d(3, 64 * width, 7, 2, 3, bias=False), nn.BatchNorm2d(64 * width)
+    for i, planes in enumerate((64, 128, 256, 512), start=1):  # torchvision's stage widths, each x width
+        depth = len(getattr(m, f"layer{i}"))
+        setattr(m, f"layer{i}", m._make_layer(block, planes * width, depth, stride=1 if i == 1 else 2))
     m.fc = nn.Linear(512 * width * block.expansion, 1000)
     for mod in m.modules():
         if isinstance(mod, nn.Conv2d):
@@ -1333,12 +1278,10 @@ def _widen_resnet(m: torchvision.models.ResNet, width: int, zero_init_residual: 
         elif isinstance(mod, nn.BatchNorm2d):
             nn.init.ones_(mod.weight)
             nn.init.zeros_(mod.bias)
-    if zero_init_residual:
+    if zero_init_residual:  # each block's last BN: bn3 of a Bottleneck, bn2 of a BasicBlock
         for mod in m.modules():
-            if isinstance(mod, torchvision.models.resnet.Bottleneck):
-                nn.init.zeros_(mod.bn3.weight)
-            elif isinstance(mod, torchvision.models.resnet.BasicBlock):
-                nn.init.zeros_(mod.bn2.weight)
+            if isinstance(mod, block):
+                nn.init.zeros_(mod.bn3.weight if hasattr(mod, "bn3") else mod.bn2.weight)
 
 
 # --- ViT-S/16 as the SSL papers train it -------------------------------------------------------------
@@ -1360,17 +1303,10 @@ def _widen_resnet(m: torchvision.models.ResNet, width: int, zero_init_residual: 
 #   deepcopy of the student that runs in train mode, so it must carry rate 0 (disable_drop_path).
 
 
-def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Stochastic depth on a residual branch x (B, ...): each sample's branch is zeroed with probability p
-    and kept branches are multiplied by 1 / (1 - p); the identity when p = 0 or not training."""
-    if p == 0.0 or not training:
-        return x
-    keep = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device).bernoulli_(1 - p)
-    return x * keep / (1 - p)  # (B, 1, 1) mask of 0 / 1
-
-
 class ViTBlock(nn.Module):
-    """Pre-norm transformer block: x + drop_path(attention(LN(x))), then x + drop_path(MLP(LN(x)))."""
+    """Pre-norm transformer block: x + drop_path(attention(LN(x))), then x + drop_path(MLP(LN(x))). drop_path is
+    torchvision's stochastic_depth in "row" mode: each sample's branch is zeroed with probability r_i and kept
+    branches are multiplied by 1 / (1 - r_i); the identity at rate 0 or in eval mode."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
         super().__init__()
@@ -1389,8 +1325,8 @@ class ViTBlock(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, N, D))     # heads concatenated, (B, N, D)
 
     def forward(self, x):  # x (B, N, D): N = 1 class token + h * w patch tokens
-        x = x + drop_path(self.attention(self.norm1(x)), self.drop_path, self.training)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+        x = x + stochastic_depth(self.attention(self.norm1(x)), self.drop_path, "row", self.training)
+        return x + stochastic_depth(self.mlp(self.norm2(x)), self.drop_path, "row", self.training)
 
 
 class ViT(nn.Module):
@@ -1457,12 +1393,11 @@ def _vit_patch(image_size: int) -> int:
 
 
 def build_backbone(name: str, image_size: int, zero_init_residual: bool = False, width: int = 1,
-                   cifar_stem: bool | None = None, drop_path: float = 0.0,
-                   patch_size: int | None = None) -> tuple[nn.Module, int]:
+                   drop_path: float = 0.0, patch_size: int | None = None) -> tuple[nn.Module, int]:
     """Encoder (B, 3, H, W) -> pooled features (B, feature_dim), classifier removed.
 
-    resnet18 / resnet50: torchvision's, random init. cifar_stem (default: image_size <= 64) swaps the 7x7
-      stride-2 conv + max-pool for a 3x3 stride-1 conv, the standard for 32 px images (the swapped conv
+    resnet18 / resnet50: torchvision's, random init. At image_size <= 64 a CIFAR stem replaces the 7x7
+      stride-2 conv + max-pool by a 3x3 stride-1 conv, the standard for 32 px images (the swapped conv
       keeps PyTorch's default init, as in the ReSA and NSCL official code). zero_init_residual zeroes
       the last BN gamma of each block (ReSA ImageNet and ExCB: on; ReSA CIFAR: off). width multiplies
       all channels (2 = the NSCL paper's ResNet-50 x2, 4096-d).
@@ -1474,12 +1409,11 @@ def build_backbone(name: str, image_size: int, zero_init_residual: bool = False,
     if drop_path and name != "vit_small":
         raise UsageError(f"drop-path (stochastic depth over transformer blocks) needs --backbone vit_small, "
                          f"not {name}")
-    cifar_stem = image_size <= 64 if cifar_stem is None else cifar_stem
     if name in ("resnet18", "resnet50"):
         m = getattr(torchvision.models, name)(weights=None, zero_init_residual=zero_init_residual)
         if width != 1:
             _widen_resnet(m, width, zero_init_residual)
-        if cifar_stem:
+        if image_size <= 64:  # the CIFAR stem
             m.conv1 = nn.Conv2d(3, m.bn1.num_features, 3, 1, 1, bias=False)
             m.maxpool = nn.Identity()
         dim = m.fc.in_features
@@ -1525,39 +1459,45 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, damaged, foreign, of another method, or does not fit the model."""
 
 
-_HEAD_LAYERS = {"Linear", "BatchNorm1d", "ReLU", "GELU", "LayerNorm", "Identity", "Sequential"}
+def _why(e: BaseException) -> str:
+    """'Type: first line of the message' for a one-line error, also for an empty message (torch.load of a
+    zero-byte file raises EOFError(''))."""
+    lines = str(e).strip().splitlines()
+    return type(e).__name__ + (f": {lines[0][:200]}" if lines else "")
+
+
+# the torch.nn layers a stored head may hold, with the constructor arguments its spec lists, in order
+_HEAD_LAYERS = {"Linear": ("in_features", "out_features", "bias"),
+                "BatchNorm1d": ("num_features", "eps", "momentum", "affine"),
+                "LayerNorm": ("normalized_shape", "eps", "elementwise_affine"),
+                "ReLU": (), "GELU": (), "Identity": ()}
 
 
 def _layer_spec(module: nn.Module) -> list:
-    """A head (nn.Sequential of torch.nn layers) as a plain list, so it loads without the method file.
-    SyncBatchNorm (multi-GPU runs) is stored as the BatchNorm1d it is at evaluation: same state keys."""
-    kind = type(module).__name__
-    if kind == "SyncBatchNorm":
-        kind = "BatchNorm1d"
-    if kind not in _HEAD_LAYERS:
-        raise TypeError(f"cannot store head layer {kind}: heads must be built from {sorted(_HEAD_LAYERS)}")
+    """A head (nn.Sequential of torch.nn layers) as a plain list [kind, *constructor arguments], e.g.
+    ["Linear", 512, 128, True], so it loads without the method file. SyncBatchNorm (multi-GPU runs) is stored as
+    the BatchNorm1d it is at evaluation: same state keys."""
+    kind = "BatchNorm1d" if isinstance(module, nn.SyncBatchNorm) else type(module).__name__
     if kind == "Sequential":
         return [kind, [_layer_spec(c) for c in module]]
+    if kind not in _HEAD_LAYERS:
+        raise TypeError(f"cannot store head layer {kind}: heads must be built from "
+                        f"{sorted(_HEAD_LAYERS) + ['Sequential']}")
+    values = [getattr(module, name) for name in _HEAD_LAYERS[kind]]
     if kind == "Linear":
-        return [kind, module.in_features, module.out_features, module.bias is not None]
-    if kind == "BatchNorm1d":
-        return [kind, module.num_features, module.eps, module.momentum, module.affine]
+        values[2] = values[2] is not None  # the bias Parameter -> whether there is one
     if kind == "LayerNorm":
-        return [kind, list(module.normalized_shape), module.eps, module.elementwise_affine]
-    return [kind]
+        values[0] = list(values[0])
+    return [kind, *values]
 
 
 def _build_layer(spec: list) -> nn.Module:
     kind, *a = spec
     if kind == "Sequential":
         return nn.Sequential(*[_build_layer(s) for s in a[0]])
-    if kind == "Linear":
-        return nn.Linear(a[0], a[1], bias=a[2])
-    if kind == "BatchNorm1d":
-        return nn.BatchNorm1d(a[0], eps=a[1], momentum=a[2], affine=a[3])
-    if kind == "LayerNorm":
-        return nn.LayerNorm(a[0], eps=a[1], elementwise_affine=a[2])
-    return {"ReLU": nn.ReLU, "GELU": nn.GELU, "Identity": nn.Identity}[kind]()
+    if kind not in _HEAD_LAYERS:
+        raise CheckpointError(f"a stored head holds layer {kind!r}, not one of {sorted(_HEAD_LAYERS)}")
+    return getattr(nn, kind)(*a)
 
 
 def _plain(x):
@@ -1581,14 +1521,10 @@ def make_checkpoint(method: str, epoch: int, step: int, args, backbone_spec: dic
     spec = dict(backbone_spec)
     spec.setdefault("feature_dim", int(getattr(eval_backbone, "feature_dim", 0)))
     stored_heads = {}
-    for key, value in (heads or {}).items():
-        if isinstance(value, nn.Module):
-            value = unwrap(value)
-            stored_heads[key] = {"spec": _layer_spec(value), "state": value.state_dict()}
-        elif isinstance(value, torch.Tensor):
-            stored_heads[key] = value.detach().cpu().clone()
-        else:
-            stored_heads[key] = _plain(value)
+    for key, v in (heads or {}).items():  # a module as its layer spec + state, a tensor on CPU, else plain
+        v = unwrap(v) if isinstance(v, nn.Module) else v
+        stored_heads[key] = ({"spec": _layer_spec(v), "state": v.state_dict()} if isinstance(v, nn.Module)
+                             else v.detach().cpu().clone() if isinstance(v, torch.Tensor) else _plain(v))
     a = _plain(args)
     return {
         "format": FORMAT, "method": method, "epoch": int(epoch), "step": int(step), "args": a,
@@ -1624,16 +1560,14 @@ def save_checkpoint(path, state: dict) -> Path:
 def load_checkpoint(path, method: str | None = None) -> dict:
     """Load and validate one of our checkpoints (on CPU). `method` checks which script wrote it."""
     p = Path(path)
-    if p.is_dir():
-        raise CheckpointError(f"{p} is a directory; pass one checkpoint file (*.pt)")
     if not p.is_file():
-        raise CheckpointError(f"{p}: no such checkpoint file")
+        raise CheckpointError(f"{p} is a directory; pass one checkpoint file (*.pt)" if p.is_dir()
+                              else f"{p}: no such checkpoint file")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated copies, foreign pickles, random bytes
-        raise CheckpointError(f"{p} cannot be read as a PyTorch checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]}); the file is damaged or not ours. Use "
-                              f"another checkpoint of the run.") from None
+        raise CheckpointError(f"{p} cannot be read as a PyTorch checkpoint ({_why(e)}); the file is damaged "
+                              f"or not ours. Use another checkpoint of the run.") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{p} is not an ssl-clustering checkpoint (expected format {FORMAT!r}; "
@@ -1664,7 +1598,7 @@ def load_backbone(path_or_ckpt) -> tuple[nn.Module, dict]:
         model.load_state_dict(ckpt["eval_backbone"], strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{path or 'checkpoint'}: its weights do not fit a {spec['name']} built from "
-                              f"its own spec {spec} ({str(e).splitlines()[0]})") from None
+                              f"its own spec {spec} ({_why(e)})") from None
     return model.eval(), checkpoint_meta(ckpt, path)
 
 
@@ -1740,7 +1674,7 @@ def resume_checkpoint(args, method: str) -> dict | None:
            after a divergence) but allowed.
     """
     run_dir = Path(args.output_dir)
-    existing = sorted(run_dir.glob("*.pt"), key=_checkpoint_order) if run_dir.is_dir() else []
+    existing = sorted(run_dir.glob("*.pt"), key=_checkpoint_order)  # [] when it does not exist yet
     if not args.resume:
         if existing:
             raise UsageError(f"{run_dir} already holds checkpoints (newest: {existing[-1].name}); pass --resume auto "
@@ -2099,14 +2033,11 @@ class RunLogger:
     def timed(self, loader):
         """Yield loader's batches, adding the time spent waiting for each one to the current log window."""
         it = iter(loader)
-        while True:
-            t = time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
-                return
+        t = time.perf_counter()
+        for batch in it:
             self.data_time += time.perf_counter() - t
             yield batch
+            t = time.perf_counter()  # the caller's step is done: waiting for the next batch starts
 
     def log(self, record: dict) -> None:
         if self.dist.is_main:
@@ -2120,26 +2051,23 @@ class RunLogger:
         if self.dist.device.type == "cuda":
             torch.cuda.synchronize(self.dist.device)
         now = time.perf_counter()
-        steps = max(step - self.last_step, 1)
-        step_time = (now - self.last_time) / steps
-        data_frac = min(self.data_time / max(now - self.last_time, 1e-9), 1.0)
-        self.last_time, self.last_step, self.data_time = now, step, 0.0
+        window, self.last_time = now - self.last_time, now
+        step_time = window / max(step - self.last_step, 1)
+        data_frac, self.last_step, self.data_time = min(self.data_time / max(window, 1e-9), 1.0), step, 0.0
         rec = {"epoch": epoch, "step": step, "loss": _item(loss), "sched/lr": lr,
                "perf/images_per_s": images_per_step / step_time, "perf/step_time_s": step_time,
-               "perf/data_frac": data_frac,
-               "perf/peak_mem_gb": peak_memory_gb(self.dist.device),
-               "perf/eta_s": (self.total - step) * step_time}
-        rec.update({k: _item(v) for k, v in (extra or {}).items()})
+               "perf/data_frac": data_frac, "perf/peak_mem_gb": peak_memory_gb(self.dist.device),
+               "perf/eta_s": (self.total - step) * step_time,
+               **{k: _item(v) for k, v in (extra or {}).items()}}
         self.log(rec)
-        if self.dist.is_main:
-            eta = int(rec["perf/eta_s"])
-            extras = " ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in rec.items()
-                              if k not in ("epoch", "step", "loss", "sched/lr") and not k.startswith("perf/")
-                              and isinstance(v, (int, float)) and not (k.startswith("data/") and v == 0))
+        if self.dist.is_main:  # the extra values by their short name; a data/ counter only once it is not 0
+            extras = " ".join(f"{k.split('/')[-1]} {rec[k]:.4g}" for k in (extra or {}) if isinstance(
+                rec[k], (int, float)) and not (k.startswith("data/") and rec[k] == 0))
+            h, m = divmod(int(rec["perf/eta_s"]) // 60, 60)
             print(f"ep {epoch} step {step}/{self.total} loss {rec['loss']:.4f} lr {lr:.3g} "
                   f"{rec['perf/images_per_s']:.0f} img/s {step_time * 1000:.0f} ms/step "
-                  f"data {100 * data_frac:.0f}% mem {rec['perf/peak_mem_gb']:.2f} GB eta {eta // 3600}:{eta % 3600 // 60:02d}:"
-                  f"{eta % 60:02d} {extras}".rstrip(), flush=True)
+                  f"data {100 * data_frac:.0f}% mem {rec['perf/peak_mem_gb']:.2f} GB "
+                  f"eta {h}:{m:02d}:{int(rec['perf/eta_s']) % 60:02d} {extras}".rstrip(), flush=True)
         return rec
 
 
@@ -2177,8 +2105,7 @@ class DivergenceGuard:
         never = torch.iinfo(torch.long).max
         first = torch.where(self.first < 0, never, self.first)
         if get_world_size() > 1:  # the earliest divergence over ranks; all ranks then raise together
-            first = first.clone()
-            tdist.all_reduce(first, op=tdist.ReduceOp.MIN)
+            tdist.all_reduce(first, op=tdist.ReduceOp.MIN)  # `first` is torch.where's new tensor
         step = int(first.item())
         if step == never:
             return
@@ -2194,29 +2121,32 @@ class DivergenceGuard:
 
 
 class StopSignal:
-    """Preemption: SIGTERM (what SLURM, Kubernetes and torchrun send before a kill) or SIGUSR1 (SLURM's
-    `--signal=USR1@120`) asks the run to stop. Every rank finishes its step, rank 0 writes a resumable
-    checkpoint, and the processes exit with status 0; the same command line with --resume auto then continues
-    exactly where the run stopped.
+    """Preemption: SIGTERM (what SLURM, Kubernetes and torchrun send before a kill), SIGUSR1 (SLURM's
+    `--signal=USR1@120`) or SIGINT (Ctrl-C; a second one interrupts at once) asks the run to stop. Every rank
+    finishes its step, rank 0 writes a resumable checkpoint, and the processes exit with status 0 (130 after a
+    SIGINT, see run()); the same command line with --resume auto then continues exactly where the run stopped.
 
     Ranks receive the signal at slightly different moments, so they agree through a collective: every step each
     rank starts a non-blocking all-reduce (MAX) of its flag on a CPU (gloo) group and reads the result of the
     previous step's all-reduce, which has long arrived. All ranks therefore stop after the same step (one step
     after the first rank got the signal), and no GPU stream ever waits for it."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    received = None  # the first signal's name ("SIGTERM", ...) in this process, on the class: run() reads it
 
     def __init__(self, dist: DistInfo):
-        self.received, self.world = None, dist.world_size
+        StopSignal.received, self.world = None, dist.world_size
         self.previous = {sig: signal.signal(sig, self._handler) for sig in self.SIGNALS}
         self.group = tdist.new_group(backend="gloo") if dist.world_size > 1 else None  # collective: all ranks
         self.work, self.flag, self.stopping = None, torch.zeros(1), False
 
     def _handler(self, signum, frame):
-        if self.received is None:
-            print(f"received {signal.Signals(signum).name}: finishing this step, then saving a checkpoint",
-                  file=sys.stderr, flush=True)
-        self.received = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if StopSignal.received == name == "SIGINT":
+            raise KeyboardInterrupt  # Ctrl-C twice: stop now, without a checkpoint
+        if StopSignal.received is None:
+            print(f"received {name}: finishing this step, then saving a checkpoint", file=sys.stderr, flush=True)
+            StopSignal.received = name
 
     def __call__(self) -> bool:
         """Call once per step on every rank: True (and .stopping from then on) when the run must stop now."""
@@ -2248,12 +2178,16 @@ def seed_step(seed: int, step: int, rank: int) -> None:
 
 def run(main) -> None:
     """Run a script's main(). Our own input errors (missing data, an unreadable image, a bad checkpoint, bad flags)
-    print one clear line and exit with status 2, a diverged run with status 3, instead of a traceback."""
+    print one clear line and exit with status 2, a diverged run with status 3, instead of a traceback. A run
+    stopped by Ctrl-C (StopSignal: it saved a checkpoint and printed how to continue) exits with status 130, the
+    shell's code for SIGINT; one stopped by SIGTERM / SIGUSR1 with 0, so a job scheduler sees a clean exit."""
     try:
         main()
     except (DatasetNotFoundError, CheckpointError, UsageError, BadImageError, DivergenceError) as e:
-        msg = str(e).strip()
+        msg = str(e).strip() or type(e).__name__
         if "Original Traceback" in msg:  # raised in a DataLoader worker: our message is the traceback's last line
             msg = re.sub(r"^[\w.]*Error: ", "", msg.splitlines()[-1])
         print(f"error: {msg}", file=sys.stderr, flush=True)
         sys.exit(3 if isinstance(e, DivergenceError) else 2)
+    if StopSignal.received == "SIGINT":
+        sys.exit(130)

@@ -249,6 +249,9 @@ def test_checkpoint_errors_are_clear(tmp_path):
     (tmp_path / "damaged.pt").write_bytes(b"\x80\x02not a zip")
     with pytest.raises(common.CheckpointError, match="damaged or not ours"):
         common.load_checkpoint(tmp_path / "damaged.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")  # torch.load raises EOFError('') on it: the message must not fail
+    with pytest.raises(common.CheckpointError, match=rf"{tmp_path / 'empty.pt'} cannot be read .*\(EOFError\); "):
+        common.load_checkpoint(tmp_path / "empty.pt")
     torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
     with pytest.raises(common.CheckpointError, match="not an ssl-clustering checkpoint"):
         common.load_checkpoint(tmp_path / "foreign.pt")

@@ -51,7 +51,11 @@ def test_fp16_step_scales_skips_overflow_and_round_trips():
     x = torch.randn(8, 4)
     ref = nn.Linear(4, 1)
     ref.load_state_dict(model.state_dict())
-    prec.backward_step(model(x).pow(2).mean(), opt, model.parameters(), clip=1e9)
+    prec.scaler.scale(model(x).pow(2).mean()).backward()  # the training loops' lines
+    prec.scaler.unscale_(opt)
+    nn.utils.clip_grad_norm_(model.parameters(), 1e9)
+    prec.scaler.step(opt)
+    prec.scaler.update()
     ref_loss = ref(x).pow(2).mean()
     ref_loss.backward()
     with torch.no_grad():  # the scaled step equals the plain SGD step: scaling is undone before the update
@@ -60,7 +64,10 @@ def test_fp16_step_scales_skips_overflow_and_round_trips():
     for a, b in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b)
     before = [p.detach().clone() for p in model.parameters()]
-    prec.backward_step(model(x).sum() * float("inf"), opt)  # overflowing gradients: step skipped, scale halved
+    # overflowing gradients: the step is skipped and the scale halved
+    prec.scaler.scale(model(x).sum() * float("inf")).backward()
+    prec.scaler.step(opt)
+    prec.scaler.update()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert prec.scaler.get_scale() == 2.0 ** 15
     other = common.MixedPrecision("fp16", CPU)

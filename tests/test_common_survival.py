@@ -139,6 +139,26 @@ def test_stop_signal_on_one_process_and_handler_restored():
     assert signal.getsignal(signal.SIGUSR1) is before
 
 
+def test_ctrl_c_stops_like_sigterm_then_exits_130_and_a_second_one_interrupts(capsys):
+    before = signal.getsignal(signal.SIGINT)
+    stop = common.StopSignal(common.DistInfo())
+
+    def main():  # a training loop: Ctrl-C during a step, the step finishes, the loop saves and returns
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop() and stop.received == common.StopSignal.received == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C does not wait for the step
+            os.kill(os.getpid(), signal.SIGINT)
+        stop.close()
+
+    with pytest.raises(SystemExit) as e:
+        common.run(main)
+    assert e.value.code == 130 and signal.getsignal(signal.SIGINT) is before
+    assert "received SIGINT: finishing this step, then saving a checkpoint" in capsys.readouterr().err
+    common.StopSignal(common.DistInfo()).close()  # a new run starts with no signal recorded
+    assert common.StopSignal.received is None
+    common.run(lambda: None)  # SIGTERM / SIGUSR1 / no signal: main's normal return, exit status 0
+
+
 def _stop_on_two_ranks(rank, world):
     stop = common.StopSignal(common.DistInfo(rank, world, rank, torch.device("cpu"), True))
     decisions = []
