@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -840,28 +841,15 @@ def resample_matrix(start, length, in_size: int, out_size: int, interpolation: s
     return w / w.sum(-1, keepdim=True)                                                 # rows sum to 1
 
 
-def _along_w(x, M):
-    """x (n, C, H, W), M (n, w, W) -> (n, C, H, w): each image's rows times its M^T (one batched product)."""
-    n, C, H, W = x.shape
-    return torch.bmm(x.reshape(n, C * H, W), M.transpose(1, 2)).view(n, C, H, -1)
-
-
-def _along_h(x, M):
-    """x (n, C, H, W), M (n, h, H) -> (n, C, h, W): M times each image's columns (one batched product)."""
-    n, C, H, W = x.shape
-    y = torch.bmm(M, x.transpose(1, 2).reshape(n, H, C * W))                          # (n, h, C W)
-    return y.view(n, -1, C, W).transpose(1, 2).contiguous()
-
-
 def batch_resized_crop(x, box, size, interpolation: str = "bilinear", flip=None) -> torch.Tensor:
     """RandomResizedCrop's crop + antialiased resize, then the horizontal flip, for a batch: x (n, C, H, W) float
     on [0, 1]; box (n, 4) = (top, left, height, width); size: output (h, w) or int; flip (n,) nonzero = flip.
-    Each axis is one batched matrix product over the whole image (taps outside the crop weigh 0); flipping the
-    resized crop reverses the rows of the horizontal matrix, so it costs nothing. Clamped to [0, 1]."""
+    Both axes are one batched product My x Mx^T over the whole image (taps outside the crop weigh 0); flipping
+    the resized crop reverses the rows of the horizontal matrix, so it costs nothing. Clamped to [0, 1]."""
     h, w = _hw(size)
     Mx = resample_matrix(box[:, 1], box[:, 3], x.shape[-1], w, interpolation, flip)    # (n, w, W)
     My = resample_matrix(box[:, 0], box[:, 2], x.shape[-2], h, interpolation)          # (n, h, H)
-    return _along_h(_along_w(x, Mx), My).clamp_(0.0, 1.0)                              # (n, C, h, w)
+    return torch.einsum("nhH,ncHW,nwW->nchw", My, x, Mx).clamp_(0.0, 1.0)             # (n, C, h, w)
 
 
 @functools.lru_cache(maxsize=None)
@@ -942,22 +930,11 @@ def batch_normalize(x, mean, std):
 
 
 def _jitter_ranges(jitter) -> list:
-    """ColorJitter's factor ranges from its arguments (brightness, contrast, saturation, hue): a number v gives
-    (max(0, 1 - v), 1 + v), for hue (-v, v); a pair is taken as is; an identity range is None (torchvision
-    then skips that op)."""
-    jitter = list(jitter or ()) + [None] * (4 - len(jitter or ()))
-    ranges = []
-    for v, center in zip(jitter, (1.0, 1.0, 1.0, 0.0)):
-        if v is None:
-            ranges.append(None)
-            continue
-        if isinstance(v, (int, float)):
-            lo, hi = center - v, center + v
-            lo = max(lo, 0.0) if center == 1.0 else lo
-        else:
-            lo, hi = float(v[0]), float(v[1])
-        ranges.append(None if lo == hi == center else (lo, hi))
-    return ranges
+    """ColorJitter's factor ranges (brightness, contrast, saturation, hue) from its arguments, by torchvision's
+    own rule: a number v gives (max(0, 1 - v), 1 + v), for hue (-v, v); a pair is taken as is; an identity range
+    is None (torchvision then skips that op)."""
+    t = v2.ColorJitter(*jitter) if jitter else None
+    return [getattr(t, name, None) for name in ("brightness", "contrast", "saturation", "hue")]
 
 
 def sample_view_params(augs, n: int, image_hw, g: torch.Generator) -> dict:
@@ -1081,13 +1058,7 @@ def _view_groups(transform):
         return None
     if not views or not all(isinstance(t, Augment) for t in views):
         return None
-    groups = []
-    for t in views:
-        if groups and _batch_key(groups[-1][0]) == _batch_key(t):
-            groups[-1].append(t)
-        else:
-            groups.append([t])
-    return groups
+    return [list(group) for _, group in itertools.groupby(views, _batch_key)]  # consecutive, same key
 
 
 def _step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
