@@ -788,8 +788,8 @@ class ClassBalancedBatchSampler:
 #
 #   Augment's op        torchvision, per image                          here, per batch (every image, every op)
 #   RandomResizedCrop   <= 10 tries: area ~ U(scale) H W, log aspect    the same draws, vectorised; crop +
-#                       ~ U(log ratio), integer box; else centre crop;  antialiased resize as two batched matrix
-#                       crop, antialiased resize                        products (resample_matrix: torch's weights)
+#                       ~ U(log ratio), integer box; else centre crop;  antialiased resize as one batched
+#                       crop, antialiased resize                        product (resample_matrix: torch's weights)
 #   RandomHorizontalFlip p                                              the resize matrix's rows reversed
 #   ColorJitter         RandomApply(p); factors ~ U(range); the 4 ops   the same draws; brightness, contrast,
 #                       in a random order                               saturation as one blend (batch_blend) in 3
@@ -876,7 +876,7 @@ def batch_blend(x, f, to_mean, to_gray):
     or the luma (saturation). f (n,) the factor (1 = identity); to_mean, to_gray (n,) 1.0 for contrast, resp.
     saturation, else 0.0 (so base is exactly 0, the mean or the luma)."""
     luma = _gray(x)                                                                    # (n, 1, H, W)
-    base = _per_image(to_mean) * luma.mean((2, 3), keepdim=True) + _per_image(to_gray) * luma
+    base = torch.addcmul(_per_image(to_mean) * luma.mean((2, 3), keepdim=True), _per_image(to_gray), luma)
     return torch.lerp(base, x, _per_image(f)).clamp_(0.0, 1.0)                         # f x + (1 - f) base
 
 
@@ -1010,8 +1010,9 @@ def _plan(p: dict) -> torch.Tensor:
     used = on & torch.where(slot < 3, slot < hue_at, pos < 4)
     op = order.gather(1, pos.clamp(max=3))                                             # never hue where used
     cols = {"box": p["box"], "flip": p["flip"], "blend_f": torch.where(used, p["factors"].gather(1, op), 1.0),
-            "blend_mean": used & (op == 1), "blend_gray": used & (op == 2), "hue_f": p["factors"][:, 3] * on[:, 0],
-            "gray": p["gray"], "blur": p["blur"], "sigma": p["sigma"], "solarize": p["solarize"]}
+            "blend_mean": used & (op == 1), "blend_gray": used & (op == 2),
+            "hue_f": p["factors"][:, 3] * on[:, 0], "gray": p["gray"], "blur": p["blur"], "sigma": p["sigma"],
+            "solarize": p["solarize"]}
     return torch.cat([cols[k].float().view(len(order), -1) for k in _COLUMNS], 1)
 
 
