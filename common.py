@@ -695,42 +695,40 @@ build_loader = EpochLoader  # the scripts' name for it; `batch_size` is PER RANK
 # 2b. DATA ON THE DEVICE: the training set decoded once, views made in batches
 # ================================================================================================
 # Small datasets (digits, CIFAR-10/100, STL-10, a small ImageFolder) fit on the training device as one uint8
-# tensor (N, 3, H, W). Each step then makes its views there for the whole per-rank batch at once, with
-# per-image random parameters, op for op as common.Augment makes them with torchvision v2 on uint8 tensors:
+# tensor (N, 3, H, W). Each step then makes its views there for the whole per-rank batch at once, in float on
+# [0, 1], with common.Augment's recipe: the same parameter distributions and the same maths as torchvision v2's
+# float kernels, in ~100 batched kernels per view group whatever the batch size:
 #
-#   Augment's op        torchvision, per image                          here, per batch
-#   RandomResizedCrop   <= 10 tries: area ~ U(scale) H W, log aspect    the same draws, vectorised; crop + resize
-#                       ~ U(log ratio), integer box; else centre crop;  as two matrix products per image with
-#                       crop, antialiased resize (uint8 kernel:         torch's antialias weights, rounded after
-#                       horizontal pass, rounded, vertical pass)        each pass (resample_matrix)
+#   Augment's op        torchvision, per image                          here, per batch (every image, every op)
+#   RandomResizedCrop   <= 10 tries: area ~ U(scale) H W, log aspect    the same draws, vectorised; crop +
+#                       ~ U(log ratio), integer box; else centre crop;  antialiased resize as one batched
+#                       crop, antialiased resize                        product (resample_matrix: torch's weights)
 #   RandomHorizontalFlip p                                              the resize matrix's rows reversed
-#   ColorJitter         RandomApply(p); factors ~ U(range); the 4 ops   the same draws; brightness, contrast and
-#                       in a random order, uint8 after each             saturation as one blend op, in 3 slots
-#                                                                       before hue and 3 after (_op_subsets)
-#   RandomGrayscale     0.2989 R + 0.587 G + 0.114 B, truncated         the same
-#   GaussianBlur        RandomApply(p); sigma ~ U(range); k x k         the same kernel as a reflect-padded
-#                       kernel, reflect padding, rounded                (size x size) matrix per image
-#   RandomSolarize      v >= 128 -> 255 - v                             the same
+#   ColorJitter         RandomApply(p); factors ~ U(range); the 4 ops   the same draws; brightness, contrast,
+#                       in a random order                               saturation as one blend (batch_blend) in 3
+#                                                                       slots before hue and 3 after (_plan)
+#   RandomGrayscale     0.2989 R + 0.587 G + 0.114 B                    the same, blended in by a 0/1 factor
+#   GaussianBlur        RandomApply(p); sigma ~ U(range); k x k         per-image separable kernels (a delta when
+#                       kernel, reflect padding                         off) as two grouped convolutions
+#   RandomSolarize      v >= 128 -> 255 - v (on floats: 128 / 255)      the same, by a 0/1 factor
 #   ToDtype, Normalize  v / 255, then (x - mean) / std                  the same
 #
-# Between the ops pixels stay integers in [0, 255] (held as float32), truncated or rounded exactly where
-# torchvision's uint8 kernels do, so every op equals torchvision up to float rounding at those points, and the
-# resize also up to torch's int16 fixed-point weights (tests/test_common_device_views.py states the tolerances).
-# The random parameters are drawn on the CPU from a generator seeded by (seed, epoch, step, rank): views are a
-# pure function of those, so --resume (whole or mid-epoch) is exact; they reach the device in two copies per step
-# (pinned, non_blocking: no host-device sync). Views of one size and colour ranges (SimCLR's pair, ExCB's global
-# crops, its local crops) are made as one batch.
+# An op that is off for an image runs with its identity parameters (factor 1 for a blend, hue shift 0, a delta
+# blur kernel, factor 0 for grayscale and solarize), so no step gathers subsets and the kernel count is fixed.
+# Unlike the loader path (torchvision on uint8), pixels are not rounded to 1/255 between ops; bicubic overshoot is
+# clamped to [0, 1] as the uint8 kernel clamps it. The random parameters are drawn on the CPU from a generator
+# seeded by (seed, epoch, step, rank): views are a pure function of those, so --resume (whole or mid-epoch) is
+# exact; they reach the device in two copies per step (pinned, non_blocking: no host-device sync).
 
 def _aa_filter(x: torch.Tensor, interpolation: str) -> torch.Tensor:
     """torch's antialiasing kernels (PIL's): the triangle for bilinear, Keys' cubic with a = -0.5 for bicubic.
     The cubic's two pieces both vanish at |x| = 1 and its outer piece at |x| = 2, so clamping |x| into each
-    piece's interval and adding them gives the piecewise kernel without a select (slow on CPU)."""
+    piece's interval and adding them gives the piecewise kernel without a select."""
     x = x.abs()
     if interpolation == "bilinear":
         return (1.0 - x).clamp_(min=0.0)
     a = -0.5
-    near = x.clamp(max=1.0)
-    far = x.clamp(1.0, 2.0)
+    near, far = x.clamp(max=1.0), x.clamp(1.0, 2.0)
     return ((a + 2) * near - (a + 3)) * near * near + 1 + (((a * far - 5 * a) * far + 8 * a) * far - 4 * a)
 
 
@@ -746,61 +744,26 @@ def resample_matrix(start, length, in_size: int, out_size: int, interpolation: s
     and each row is renormalised to sum 1. A crop of the output size gives the identity (an exact copy)."""
     length = length.to(torch.float32)
     scale = length / out_size                                                          # (n,)
-    inv_stretch = 1.0 / scale.clamp(min=1.0)
     i = torch.arange(out_size, device=length.device, dtype=torch.float32).expand(len(length), -1)
     if flip is not None:
         i = torch.where(flip[:, None] > 0, out_size - 1 - i, i)                        # (n, out)
-    center = scale[:, None] * (i + 0.5)                                                # (n, out)
     j = torch.arange(in_size, device=length.device)[None] - start[:, None]             # (n, in): position in crop
     inside = ((j >= 0) & (j < length[:, None])).float()[:, None, :]                    # (n, 1, in)
-    w = _aa_filter((j[:, None, :] + 0.5 - center[:, :, None]) * inv_stretch[:, None, None], interpolation)
-    w = w * inside                                                                     # (n, out, in)
+    dist = j[:, None, :] + 0.5 - (scale[:, None] * (i + 0.5))[:, :, None]              # (n, out, in)
+    w = _aa_filter(dist / scale.clamp(min=1.0)[:, None, None], interpolation) * inside
     return w / w.sum(-1, keepdim=True)                                                 # rows sum to 1
 
 
-def _along_w(x, M):
-    """x (n, C, H, W), M (n, w, W) -> (n, C, H, w): each image's rows times its M^T (one batched product)."""
-    n, C, H, W = x.shape
-    return torch.bmm(x.reshape(n, C * H, W), M.transpose(1, 2)).view(n, C, H, -1)
-
-
-def _along_h(x, M):
-    """x (n, C, H, W), M (n, h, H) -> (n, C, h, W): M times each image's columns (one batched product)."""
-    n, C, H, W = x.shape
-    y = torch.bmm(M, x.transpose(1, 2).reshape(n, H, C * W))                          # (n, h, C W)
-    return y.view(n, -1, C, W).transpose(1, 2).contiguous()
-
-
 def batch_resized_crop(x, box, size, interpolation: str = "bilinear", flip=None) -> torch.Tensor:
-    """RandomResizedCrop's crop + antialiased resize, then the horizontal flip, for a batch.
-
-    x (n, C, H, W) float holding uint8 values; box (n, 4) = (top, left, height, width) per image; size: output
-    (h, w) or int; flip (n,) nonzero = flip. Two passes as torch's uint8 kernel (and PIL) resamples: horizontal,
-    rounded half up to uint8 values, then vertical, rounded half up. Flipping the resized crop reverses its
-    columns, i.e. the rows of the horizontal matrix, so it costs nothing. Each pass is one batched matrix
-    product over the whole image (taps outside the crop weigh 0)."""
+    """RandomResizedCrop's crop + antialiased resize, then the horizontal flip, for a batch: x (n, C, H, W) float
+    on [0, 1]; box (n, 4) = (top, left, height, width); size: output (h, w) or int; flip (n,) nonzero = flip.
+    Both axes are one batched product My x Mx^T over the whole image (taps outside the crop weigh 0); flipping
+    the resized crop reverses the rows of the horizontal matrix, so it costs nothing. Clamped to [0, 1]."""
     h, w = _hw(size)
     Mx = resample_matrix(box[:, 1], box[:, 3], x.shape[-1], w, interpolation, flip)    # (n, w, W)
     My = resample_matrix(box[:, 0], box[:, 2], x.shape[-2], h, interpolation)          # (n, h, H)
-    x = _along_w(x, Mx).add_(0.5).floor_().clamp_(0, 255)                              # (n, C, H, w)
-    return _along_h(x, My).add_(0.5).floor_().clamp_(0, 255)                           # (n, C, h, w)
-
-
-def _gray(x):
-    """(n, 3, H, W) -> (n, 1, H, W) luma in float, not truncated (torchvision's weights)."""
-    return x[:, 0:1] * 0.2989 + x[:, 1:2] * 0.587 + x[:, 2:3] * 0.114
-
-
-def batch_blend(x, f, to_mean, to_gray):
-    """ColorJitter's brightness, contrast and saturation per image, in one op: all three are torchvision's
-    _blend(x, base, f) = x f + base (1 - f), clamped to [0, 255] and truncated, with base black (brightness),
-    the mean of the truncated luma (contrast) or the truncated luma (saturation). x (n, 3, H, W) uint8 values as
-    float; f (n,) the factor; to_mean, to_gray (n,) 1.0 for contrast, resp. saturation, else 0.0 (so base is
-    exactly 0, the mean or the luma: multiplying by 0 or 1 is exact)."""
-    luma = _gray(x).floor_()                                                           # (n, 1, H, W)
-    view = lambda t: t.view(-1, 1, 1, 1)  # noqa: E731
-    base = view(to_mean) * luma.mean((1, 2, 3), keepdim=True) + view(to_gray) * luma
-    return (x * view(f) + base * view(1.0 - f)).clamp_(0, 255).floor_()
+    x = x @ Mx.transpose(1, 2)[:, None]                                                # (n, C, H, w) first:
+    return (My[:, None] @ x).clamp_(0.0, 1.0)                                          # (n, C, h, w), 2x einsum
 
 
 @functools.lru_cache(maxsize=None)
@@ -810,90 +773,84 @@ def _const(values: tuple, device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32).to(device)
 
 
+def _gray(x):
+    """(n, 3, H, W) -> (n, 1, H, W) luma (torchvision's weights), as a matrix product: 5x faster on CPU than a
+    sum over the channel dimension."""
+    n, _, H, W = x.shape
+    return torch.matmul(_const((0.2989, 0.587, 0.114), x.device), x.view(n, 3, H * W)).view(n, 1, H, W)
+
+
+def _per_image(t):
+    return t.view(-1, 1, 1, 1)
+
+
+def batch_blend(x, f, to_mean, to_gray):
+    """ColorJitter's brightness, contrast and saturation per image, in one op: all three are torchvision's
+    _blend(x, base, f) = clamp(f x + (1 - f) base, 0, 1) with base black (brightness), the mean luma (contrast)
+    or the luma (saturation). f (n,) the factor (1 = identity); to_mean, to_gray (n,) 1.0 for contrast, resp.
+    saturation, else 0.0 (so base is exactly 0, the mean or the luma)."""
+    luma = _gray(x)                                                                    # (n, 1, H, W)
+    base = torch.addcmul(_per_image(to_mean) * luma.mean((2, 3), keepdim=True), _per_image(to_gray), luma)
+    return torch.lerp(base, x, _per_image(f)).clamp_(0.0, 1.0)                         # f x + (1 - f) base
+
+
 def batch_hue(x, f):
-    """adjust_hue per image, f (n,): to [0, 1], RGB -> HSV (torchvision's model, Pillow's), h <- (h + f) mod 1,
-    HSV -> RGB, back to uint8 values as torchvision converts (x 255.999, truncated).
+    """adjust_hue per image, f (n,) (0 = identity): RGB -> HSV (torchvision's model), h <- (h + f) mod 1, back.
 
     With v = max, c = max - min, s = c / v and h6 = 6 h in [0, 6), each channel is v - v s g(h6): g is 0 on the
     two sectors where the channel is the max, 1 on the two opposite ones and a ramp between, i.e.
     g = clamp(2 - d, 0, 1) with d the distance around the hue circle from h6 to 3 (R), 5 (G), 1 (B). These are
-    torchvision's v, p, q, t in closed form, the same numbers up to float rounding, in ~40 batched ops; masks are
-    products with 0/1 factors, as select, fmod and gather are slow on CPU."""
-    x = x * (1.0 / 255)
+    torchvision's v, p, q, t in closed form, the same numbers up to float rounding, in ~30 batched ops."""
     v = x.amax(1, keepdim=True)                                                        # (n, 1, H, W)
     c = v - x.amin(1, keepdim=True)
-    s = c / v.clamp(min=1e-30)          # v = 0 only for black, where c = 0 too: s = 0 as in torchvision
-    gap = v - x                                                                        # (n, 3, H, W)
-    is_max = (1.0 - gap * 2.0**20).clamp_(min=0.0)  # 1 where a channel is the max, else 0 (gap >= 1/255)
-    rc, gc, bc = (gap / c.clamp(min=1e-30)).unbind(1)
-    e_r = is_max[:, 0]                                                                 # ties: R, then G, then B
-    e_g = is_max[:, 1] * (1.0 - e_r)
-    h6 = e_r * (bc - gc) + e_g * (rc + 2.0 - bc) + (1.0 - e_r - e_g) * (gc + 4.0 - rc)  # in (-1, 5]
-    h6 = h6 + 6.0 * f.view(-1, 1, 1)
-    h6 = (h6 - 6.0 * (h6 * (1.0 / 6.0)).floor_())[:, None]                             # mod 6, (n, 1, H, W)
+    s = c / v.clamp(min=1e-12)          # v = 0 only for black, where c = 0 too: s = 0 as in torchvision
+    rc, gc, bc = ((v - x) / c.clamp(min=1e-12)).unbind(1)                              # (n, H, W) each
+    e_r = (x[:, 0] == v[:, 0]).float()                                                 # ties: R, then G, then B
+    e_g = (x[:, 1] == v[:, 0]).float() * (1.0 - e_r)
+    h6 = e_r * (bc - gc) + e_g * (rc + 2.0 - bc) + (1.0 - e_r - e_g) * (gc + 4.0 - rc)  # in [-1, 5]
+    h6 = torch.remainder(h6 + 6.0 * f.view(-1, 1, 1), 6.0)[:, None]                    # (n, 1, H, W)
     d = (h6 - _const((3.0, 5.0, 1.0), x.device).view(1, 3, 1, 1)).abs_()  # R, G, B lose most at 6 h = 3, 5, 1
     g = (2.0 - torch.minimum(d, 6.0 - d)).clamp_(0.0, 1.0)                             # (n, 3, H, W)
-    return ((v - (v * s) * g).clamp_(0.0, 1.0) * (256.0 - 1e-3)).floor_()
+    return (v - (v * s) * g).clamp_(0.0, 1.0)
 
 
-def batch_grayscale(x):
-    """rgb_to_grayscale with 3 output channels: truncated luma in every channel."""
-    return _gray(x).floor_().expand(-1, 3, -1, -1).contiguous()
+def batch_grayscale(x, on):
+    """rgb_to_grayscale with 3 output channels on the images with on (n,) = 1, the others left as they are."""
+    return torch.lerp(x, _gray(x).expand_as(x), _per_image(on))
 
 
-def blur_matrix(sigma, kernel_size: int, size: int) -> torch.Tensor:
-    """Per image, the 1-D Gaussian blur of a row of `size` pixels with kernel_size taps (exp(-d^2 / (2 sigma^2)),
-    normalised) and reflect padding by kernel_size // 2 (as torchvision pads), as a matrix (n, size, size)."""
-    half = kernel_size // 2
-    d = torch.arange(kernel_size, device=sigma.device, dtype=torch.float32) - half
-    kernel = torch.exp(-0.5 * (d / sigma[:, None]) ** 2)
-    kernel = kernel / kernel.sum(1, keepdim=True)                                      # (n, k), sums to 1
-    pos = (torch.arange(size, device=sigma.device)[:, None] + torch.arange(kernel_size, device=sigma.device) - half)
-    pos = pos.abs()                                                                    # reflect at the left edge
-    pos = torch.where(pos > size - 1, 2 * (size - 1) - pos, pos)                       # and at the right edge
-    n = len(sigma)
-    M = torch.zeros(n, size, size, device=sigma.device)
-    return M.scatter_add_(2, pos.expand(n, size, kernel_size), kernel[:, None, :].expand(n, size, kernel_size))
+def batch_gaussian_blur(x, kernel_size: int, sigma, on):
+    """gaussian_blur per image: sigma (n,); kernel_size taps exp(-d^2 / (2 sigma^2)), normalised, reflect padding
+    by kernel_size // 2 as torchvision; images with on (n,) = 0 get a delta kernel (left as they are). The 2-D
+    kernel is torchvision's outer product of the 1-D one, applied as its two 1-D passes: two grouped
+    convolutions, one group per image and channel."""
+    n, C, H, W = x.shape
+    d = torch.arange(kernel_size, device=x.device, dtype=torch.float32) - kernel_size // 2
+    k = torch.exp(-0.5 * (d / sigma[:, None]) ** 2)
+    k = k / k.sum(1, keepdim=True)                                                     # (n, k), sums to 1
+    k = torch.lerp((d == 0).float().expand_as(k), k, on[:, None]).repeat_interleave(C, 0)  # (n C, k)
+    pad = kernel_size // 2
+    y = nn.functional.pad(x.reshape(1, n * C, H, W), (pad, pad, pad, pad), mode="reflect")
+    y = nn.functional.conv2d(y, k.view(n * C, 1, 1, -1), groups=n * C)                # along W
+    return nn.functional.conv2d(y, k.view(n * C, 1, -1, 1), groups=n * C).view(n, C, H, W)  # along H
 
 
-def batch_gaussian_blur(x, kernel_size: int, sigma):
-    """gaussian_blur per image (separable, sigma (n,) per image), rounded as torchvision rounds uint8."""
-    Bx = blur_matrix(sigma, kernel_size, x.shape[-1])                                  # (n, W, W)
-    By = Bx if x.shape[-2] == x.shape[-1] else blur_matrix(sigma, kernel_size, x.shape[-2])
-    return _along_h(_along_w(x, Bx), By).round_()
-
-
-def batch_solarize(x, threshold: int = 128):
-    """solarize on uint8: values >= threshold are inverted. For integers, min(floor(x / threshold), 1) is the
-    mask of those values (a select would be slow on CPU)."""
-    m = (x / threshold).floor_().clamp_(max=1.0)
-    return x + m * (255.0 - 2.0 * x)
+def batch_solarize(x, on, threshold: float = 128 / 255):
+    """solarize on [0, 1] floats (threshold 128 / 255, PIL's 128 on uint8) for the images with on (n,) = 1."""
+    return torch.lerp(x, 1.0 - x, _per_image(on) * (x >= threshold))  # lerp with weight 0 or 1 is exact
 
 
 def batch_normalize(x, mean, std):
-    """ToDtype(float32, scale=True) then Normalize: (x / 255 - mean) / std."""
-    mean = _const(tuple(mean), x.device).view(1, -1, 1, 1)
-    std = _const(tuple(std), x.device).view(1, -1, 1, 1)
-    return (x * (1.0 / 255) - mean) / std
+    """Normalize: (x - mean) / std per channel (x already on [0, 1], as after ToDtype(float32, scale=True))."""
+    return (x - _const(tuple(mean), x.device).view(1, -1, 1, 1)) / _const(tuple(std), x.device).view(1, -1, 1, 1)
 
 
 def _jitter_ranges(jitter) -> list:
-    """ColorJitter's factor ranges from its arguments (brightness, contrast, saturation, hue): a number v gives
-    (max(0, 1 - v), 1 + v), for hue (-v, v); a pair is taken as is; an identity range is None (torchvision
-    then skips that op)."""
-    jitter = list(jitter or ()) + [None] * (4 - len(jitter or ()))
-    ranges = []
-    for v, center in zip(jitter, (1.0, 1.0, 1.0, 0.0)):
-        if v is None:
-            ranges.append(None)
-            continue
-        if isinstance(v, (int, float)):
-            lo, hi = center - v, center + v
-            lo = max(lo, 0.0) if center == 1.0 else lo
-        else:
-            lo, hi = float(v[0]), float(v[1])
-        ranges.append(None if lo == hi == center else (lo, hi))
-    return ranges
+    """ColorJitter's factor ranges (brightness, contrast, saturation, hue) from its arguments, by torchvision's
+    own rule: a number v gives (max(0, 1 - v), 1 + v), for hue (-v, v); a pair is taken as is; an identity range
+    is None (torchvision then skips that op)."""
+    t = v2.ColorJitter(*jitter) if jitter else None
+    return [getattr(t, name, None) for name in ("brightness", "contrast", "saturation", "hue")]
 
 
 def sample_view_params(augs, n: int, image_hw, g: torch.Generator) -> dict:
@@ -926,12 +883,7 @@ def sample_view_params(augs, n: int, image_hw, g: torch.Generator) -> dict:
     # no try fits: the whole image, cut to the nearest aspect ratio in range, centred (torchvision's fallback)
     fallback = []
     for a in augs:
-        if W / H < min(a.ratio):
-            fw, fh = W, int(round(W / min(a.ratio)))
-        elif W / H > max(a.ratio):
-            fw, fh = int(round(H * max(a.ratio))), H
-        else:
-            fw, fh = W, H
+        fw, fh = min(W, int(round(H * max(a.ratio)))), min(H, int(round(W / min(a.ratio))))
         fallback.append(((H - fh) // 2, (W - fw) // 2, fh, fw))
     box = torch.where(fits.any(1, keepdim=True), torch.stack([top, left, h, w], 1), per_row(fallback, torch.long))
     # the other ops: coins as torchvision's RandomApply (applied when U < p), factors ~ U(range), a uniform order
@@ -953,85 +905,60 @@ def sample_view_params(augs, n: int, image_hw, g: torch.Generator) -> dict:
             "blur": blur, "sigma": sigma, "solarize": solarize}
 
 
-def _op_subsets(aug: Augment, p: dict) -> dict:
-    """The sampled parameters -> what the device needs: the box and flip of every image, and for each op the
-    indices of the images it applies to (known here on the host, so the device never reports a count back).
+# _plan's columns, in order, and their widths: the per-image numbers render_views reads
+_COLUMNS = {"box": 4, "flip": 1, "blend_f": 6, "blend_mean": 6, "blend_gray": 6, "hue_f": 1, "gray": 1, "blur": 1,
+            "sigma": 1, "solarize": 1}
+
+
+def _plan(p: dict) -> torch.Tensor:
+    """sample_view_params' draws -> one float32 table (V n, 28) of _COLUMNS, identity values where an op is off.
 
     ColorJitter applies its 4 ops in a random order per image. Splitting each order at hue, an image's ops are:
     up to 3 blends (brightness, contrast or saturation, batch_blend), hue, up to 3 blends. So the device runs
-    blend slots 0, 1, 2, then hue on every jittered image, then blend slots 3, 4, 5, each slot on the images
-    that have an op there: 7 batched ops in place of 16 (position x op), each image's ops still in its order."""
-    plan = {"box": p["box"], "flip": p["flip"].long()}
-    on = torch.tensor([r is not None for r in _jitter_ranges(aug.jitter)])  # ops with a non-identity range
-    if on.any():
-        order, jitter, factors = p["order"], p["jitter"], p["factors"]
-        hue_at = (order == 3).long().argmax(1)                                          # (n,)
-        for slot in range(6):
-            if slot < 3:  # the slot-th op before hue
-                pos = torch.full_like(hue_at, slot)
-                there = jitter & (pos < hue_at)
-            else:         # the (slot - 3)-th op after hue
-                pos = hue_at + slot - 2
-                there = jitter & (pos < 4)
-            op = order.gather(1, pos.clamp(max=3)[:, None])[:, 0]
-            idx = (there & on[op]).nonzero()[:, 0]
-            if len(idx):
-                op = op[idx]
-                plan[f"blend{slot}"], plan[f"blend{slot}_f"] = idx, factors[idx, op]
-                plan[f"blend{slot}_mean"], plan[f"blend{slot}_gray"] = (op == 1).float(), (op == 2).float()
-        idx = jitter.nonzero()[:, 0]
-        if on[3] and len(idx):
-            plan["hue"], plan["hue_f"] = idx, factors[idx, 3]
-    for name in ("gray", "blur", "solarize"):
-        idx = p[name].nonzero()[:, 0]
-        if len(idx):
-            plan[name] = idx
-    if "blur" in plan:
-        plan["sigma"] = p["sigma"][plan["blur"]]
-    return plan
+    blend slots 0, 1, 2, then hue, then blend slots 3, 4, 5 on every image; slot k holds the image's k-th op
+    before hue (k < 3) or its (k - 3)-th op after it, and factor 1 (the identity) where the image has none."""
+    order, on = p["order"], p["jitter"][:, None]
+    hue_at = (order == 3).long().argmax(1, keepdim=True)                               # (n, 1)
+    slot = torch.arange(6)[None]                                                       # (1, 6)
+    pos = torch.where(slot < 3, slot, hue_at + slot - 2)                               # (n, 6): place in order
+    used = on & torch.where(slot < 3, slot < hue_at, pos < 4)
+    op = order.gather(1, pos.clamp(max=3))                                             # never hue where used
+    cols = {"box": p["box"], "flip": p["flip"], "blend_f": torch.where(used, p["factors"].gather(1, op), 1.0),
+            "blend_mean": used & (op == 1), "blend_gray": used & (op == 2),
+            "hue_f": p["factors"][:, 3] * on[:, 0], "gray": p["gray"], "blur": p["blur"], "sigma": p["sigma"],
+            "solarize": p["solarize"]}
+    return torch.cat([cols[k].float().view(len(order), -1) for k in _COLUMNS], 1)
 
 
-def render_views(images, idx, plan: dict, aug: Augment) -> torch.Tensor:
-    """The views of images[idx] (uint8 (N, 3, H, W) -> (n, 3, h, w) float, normalised) under aug's recipe with
-    the parameters in plan (_op_subsets' output, on the images' device), in Augment's order."""
-    x = batch_resized_crop(images.index_select(0, idx).float(), plan["box"], aug.size, aug.interpolation,
-                           plan["flip"])
-
-    def on(name, fn, *args):  # fn on the images the op applies to, written back in place
-        if name in plan:
-            x.index_copy_(0, plan[name], fn(x.index_select(0, plan[name]), *args))
-
-    for slot in (0, 1, 2, "hue", 3, 4, 5):  # colour jitter (see _op_subsets)
-        if slot == "hue":
-            on("hue", batch_hue, plan.get("hue_f"))
-        else:
-            key = f"blend{slot}"
-            on(key, batch_blend, plan.get(key + "_f"), plan.get(key + "_mean"), plan.get(key + "_gray"))
-    on("gray", batch_grayscale)
-    on("blur", batch_gaussian_blur, aug.blur_kernel, plan.get("sigma"))
-    on("solarize", batch_solarize, 128)
+def render_views(images, idx, plan: torch.Tensor, group) -> torch.Tensor:
+    """The views of images[idx] (uint8 (N, 3, H, W) -> (n, 3, h, w) float, normalised) under the group's recipe
+    (Augments of one _batch_key) with the parameters in plan (_plan's table, on the images' device), in
+    Augment's order. Ops that no Augment of the group can apply are skipped (known on the host: no sync)."""
+    aug, any_on = group[0], lambda f: any(f(a) for a in group)  # noqa: E731
+    col = dict(zip(_COLUMNS, plan.split(list(_COLUMNS.values()), 1)))
+    x = images.index_select(0, idx).float().mul_(1.0 / 255)                           # ToDtype(scale=True)
+    x = batch_resized_crop(x, col["box"], aug.size, aug.interpolation, col["flip"][:, 0])
+    ranges = [_jitter_ranges(a.jitter) if a.jitter_p > 0 else [None] * 4 for a in group]
+    blends_on, hue_on = any(r[c] for r in ranges for c in range(3)), any(r[3] for r in ranges)
+    for k in range(6) if blends_on else ():
+        if k == 3 and hue_on:
+            x = batch_hue(x, col["hue_f"][:, 0])
+        x = batch_blend(x, col["blend_f"][:, k], col["blend_mean"][:, k], col["blend_gray"][:, k])
+    if hue_on and not blends_on:
+        x = batch_hue(x, col["hue_f"][:, 0])
+    if any_on(lambda a: a.gray_p > 0):
+        x = batch_grayscale(x, col["gray"][:, 0])
+    if any_on(lambda a: a.blur_p > 0):
+        x = batch_gaussian_blur(x, aug.blur_kernel, col["sigma"][:, 0], col["blur"][:, 0])
+    if any_on(lambda a: a.solarize_p > 0):
+        x = batch_solarize(x, col["solarize"][:, 0])
     return batch_normalize(x, aug.mean, aug.std)
-
-
-def _ship(host: dict, device: torch.device) -> dict:
-    """Many small CPU tensors (int64 or float32) -> the device in two copies, one per dtype, pinned and
-    non_blocking on CUDA so the host never waits for the GPU (a no-op copy on CPU, same code path)."""
-    out = {}
-    for dtype in (torch.int64, torch.float32):
-        names = [k for k, t in host.items() if t.dtype == dtype]
-        if names:
-            flat = torch.cat([host[k].reshape(-1) for k in names])
-            flat = (flat.pin_memory() if device.type == "cuda" else flat).to(device, non_blocking=True)
-            for k, part in zip(names, flat.split([host[k].numel() for k in names])):
-                out[k] = part.view(host[k].shape)
-    assert len(out) == len(host), "_ship carries int64 and float32 tensors only"
-    return out
 
 
 def _batch_key(aug: Augment) -> tuple:
     """What one batched render shares; views that agree on it differ only in per-image draws (crop scale and
-    ratio, the probabilities, the blur's sigma range), so they are made together."""
-    return (_hw(aug.size), aug.interpolation, tuple(_jitter_ranges(aug.jitter)), aug.blur_kernel, aug.mean, aug.std)
+    ratio, colour ranges, the probabilities, the blur's sigma range), so they are made together."""
+    return (_hw(aug.size), aug.interpolation, aug.blur_kernel, aug.mean, aug.std)
 
 
 def _view_groups(transform):
@@ -1048,18 +975,17 @@ def _view_groups(transform):
         return None
     if not views or not all(isinstance(t, Augment) for t in views):
         return None
-    groups = []
-    for t in views:
-        if groups and _batch_key(groups[-1][0]) == _batch_key(t):
-            groups[-1].append(t)
-        else:
-            groups.append([t])
-    return groups
+    return [list(group) for _, group in itertools.groupby(views, _batch_key)]  # consecutive, same key
 
 
 def _step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
     """The seed of one step's random parameters on one rank (SeedSequence mixes the four into 64 bits)."""
     return int(np.random.SeedSequence([seed, epoch, step, rank]).generate_state(1, np.uint64)[0])
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor -> the device, pinned and non_blocking on CUDA so the host never waits for the GPU."""
+    return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
 
 
 class DeviceLoader:
@@ -1116,16 +1042,13 @@ class DeviceLoader:
     def batch(self, epoch: int, step: int, indices) -> tuple:
         """(views, labels) of the images `indices` at (epoch, step) on this rank."""
         g = torch.Generator().manual_seed(_step_seed(self.seed, epoch, step, self.rank))
-        B, hw = len(indices), tuple(self.images.shape[-2:])
-        host = {"idx": torch.as_tensor(indices, dtype=torch.long)}
-        for i, group in enumerate(self.groups):  # rows: view 1's B images, view 2's, ...
-            plan = _op_subsets(group[0], sample_view_params(group, B, hw, g))
-            host.update({f"{i}/{k}": v for k, v in plan.items()})
-        dev = _ship(host, self.images.device)
-        idx, views = dev["idx"], []
-        for i, group in enumerate(self.groups):
-            plan = {k.split("/", 1)[1]: v for k, v in dev.items() if k.startswith(f"{i}/")}
-            x = render_views(self.images, idx.repeat(len(group)), plan, group[0])       # (V B, 3, h, w)
+        B, hw, device = len(indices), tuple(self.images.shape[-2:]), self.images.device
+        plans = [_plan(sample_view_params(group, B, hw, g)) for group in self.groups]  # rows: view 1's B, ...
+        idx = _to_device(torch.as_tensor(indices, dtype=torch.long), device)
+        plans = _to_device(torch.cat(plans), device).split([B * len(group) for group in self.groups])
+        views = []
+        for group, plan in zip(self.groups, plans):
+            x = render_views(self.images, idx.repeat(len(group)), plan, group)         # (V B, 3, h, w)
             if x.is_cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             views.extend(x.split(B))
