@@ -39,6 +39,7 @@ in epoch 11 (checkpoint_name); a later checkpoint of the resumed run deletes it 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import csv
 import dataclasses
@@ -1229,23 +1230,25 @@ def _widen_resnet(m: torchvision.models.ResNet, width: int, zero_init_residual: 
 class ViTBlock(nn.Module):
     """Pre-norm transformer block: x + drop_path(attention(LN(x))), then x + drop_path(MLP(LN(x))). drop_path is
     torchvision's stochastic_depth in "row" mode: each sample's branch is zeroed with probability r_i and kept
-    branches are multiplied by 1 / (1 - r_i); the identity at rate 0 or in eval mode."""
+    branches are multiplied by 1 / (1 - r_i); the identity at rate 0 or in eval mode. Parameters are named as in
+    timm's (and DINO's) VisionTransformer: norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
         super().__init__()
         self.heads, self.drop_path = heads, drop_path  # this block's rate r_i (a float, not a module)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.qkv = nn.Linear(dim, 3 * dim)  # with bias (DINO's vit_small: qkv_bias=True)
-        self.proj = nn.Linear(dim, dim)
+        # qkv with bias (DINO's vit_small: qkv_bias=True); ModuleDicts only to give timm's parameter names
+        self.attn = nn.ModuleDict({"qkv": nn.Linear(dim, 3 * dim), "proj": nn.Linear(dim, dim)})
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.mlp = nn.Sequential(collections.OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(),
+                                                         fc2=nn.Linear(hidden, dim)))
 
     def attention(self, x):
         B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        y = nn.functional.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v, (B, h, N, d)
-        return self.proj(y.transpose(1, 2).reshape(B, N, D))     # heads concatenated, (B, N, D)
+        qkv = self.attn["qkv"](x).view(B, N, 3, self.heads, D // self.heads)
+        y = nn.functional.scaled_dot_product_attention(*qkv.permute(2, 0, 3, 1, 4).unbind(0))  # (B, h, N, d)
+        return self.attn["proj"](y.transpose(1, 2).reshape(B, N, D))  # softmax(q k^T / sqrt(d)) v, heads concat
 
     def forward(self, x):  # x (B, N, D): N = 1 class token + h * w patch tokens
         x = x + stochastic_depth(self.attention(self.norm1(x)), self.drop_path, "row", self.training)
@@ -1266,7 +1269,8 @@ class ViT(nn.Module):
         if not 0.0 <= drop_path < 1.0:
             raise UsageError(f"drop-path rate must be in [0, 1); got {drop_path}")
         self.patch_size, self.grid, self.feature_dim = patch_size, image_size // patch_size, dim
-        self.patch_embed = nn.Conv2d(3, dim, patch_size, stride=patch_size)  # PyTorch's default init, as DINO
+        # PyTorch's default init, as DINO; patch_embed.proj is timm's name for it
+        self.patch_embed = nn.ModuleDict({"proj": nn.Conv2d(3, dim, patch_size, stride=patch_size)})
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, dim))  # class token + grid x grid
         self.blocks = nn.Sequential(*[ViTBlock(dim, heads, mlp_ratio, drop_path * i / max(depth - 1, 1))
@@ -1296,7 +1300,7 @@ class ViT(nn.Module):
         p = self.patch_size
         if H % p or W % p:
             raise ValueError(f"ViT input {H}x{W} px is not a multiple of the patch size {p}")
-        t = self.patch_embed(x).flatten(2).transpose(1, 2)                                # (B, hw, D)
+        t = self.patch_embed["proj"](x).flatten(2).transpose(1, 2)                        # (B, hw, D)
         t = torch.cat([self.cls_token.expand(B, -1, -1), t], dim=1) + self.pos_embed_for(H // p, W // p)
         return self.norm(self.blocks(t)[:, 0])  # class token (B, D); LayerNorm acts per token
 

@@ -112,12 +112,12 @@ def test_attention_against_a_slow_per_head_reference():
     torch.manual_seed(0)
     block = common.ViTBlock(12, heads=3)
     x = torch.randn(2, 5, 12)
-    q, k, v = block.qkv(x).split(12, dim=-1)
+    q, k, v = block.attn["qkv"](x).split(12, dim=-1)
     heads = []
     for h in range(3):  # softmax(q k^T / sqrt(d)) v, one head at a time, d = 12 / 3
         s = slice(4 * h, 4 * h + 4)
         heads.append(torch.softmax(q[..., s] @ k[..., s].transpose(1, 2) / 2.0, dim=-1) @ v[..., s])
-    torch.testing.assert_close(block.attention(x), block.proj(torch.cat(heads, -1)))
+    torch.testing.assert_close(block.attention(x), block.attn["proj"](torch.cat(heads, -1)))
 
 
 # ------------------------------------------------------------------------ ViT-S/16, checkpoints
@@ -132,7 +132,7 @@ def test_vit_small_16_parameter_count_and_init():
     block = 4 * 384 + (384 * 1152 + 1152) + (384 * 384 + 384) + (384 * 1536 + 1536) + (1536 * 384 + 384)
     assert n == (16 * 16 * 3 * 384 + 384) + 384 + 197 * 384 + 12 * block + 2 * 384 == 21_665_664
     assert dim == vit.feature_dim == 384
-    linear = vit.blocks[0].qkv
+    linear = vit.blocks[0].attn["qkv"]
     assert linear.bias.abs().sum() == 0 and abs(linear.weight.std().item() - 0.02) < 0.001
     assert abs(vit.pos_embed.std().item() - 0.02) < 0.002
 
@@ -240,3 +240,29 @@ def test_vit_run_writes_a_checkpoint_probe_reads(method, tmp_path):
                 "--out-dir", str(tmp_path / "probe")])
     rows = list(csv.DictReader(open(tmp_path / "probe" / "probe.csv")))
     assert rows and all(r["probe"] == "knn" and 0 <= float(r["value"]) <= 100 for r in rows)
+
+
+def _timm_vit_small_layout(grid: int, patch: int, dim=384, depth=12, mlp=1536):
+    """timm.create_model("vit_small_patch16_224", num_classes=0, img_size=S, patch_size=P).state_dict()'s keys and
+    shapes, written out by hand (timm is not a dependency): class token, position embedding, patch_embed.proj,
+    then per block norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2, and the final norm; head and fc_norm are
+    Identity at num_classes=0 with the class-token pool, so they hold nothing."""
+    shapes = {"cls_token": (1, 1, dim), "pos_embed": (1, 1 + grid * grid, dim),
+              "patch_embed.proj.weight": (dim, 3, patch, patch), "patch_embed.proj.bias": (dim,)}
+    for i in range(depth):
+        b = f"blocks.{i}."
+        shapes.update({b + "norm1.weight": (dim,), b + "norm1.bias": (dim,),
+                       b + "attn.qkv.weight": (3 * dim, dim), b + "attn.qkv.bias": (3 * dim,),
+                       b + "attn.proj.weight": (dim, dim), b + "attn.proj.bias": (dim,),
+                       b + "norm2.weight": (dim,), b + "norm2.bias": (dim,),
+                       b + "mlp.fc1.weight": (mlp, dim), b + "mlp.fc1.bias": (mlp,),
+                       b + "mlp.fc2.weight": (dim, mlp), b + "mlp.fc2.bias": (dim,)})
+    shapes.update({"norm.weight": (dim,), "norm.bias": (dim,)})
+    return shapes
+
+
+@pytest.mark.parametrize("size, patch", [(224, 16), (32, 4)])
+def test_vit_parameters_have_timms_names_and_shapes(size, patch):
+    vit, _ = common.build_backbone("vit_small", size)
+    got = {k: tuple(v.shape) for k, v in vit.state_dict().items()}
+    assert got == _timm_vit_small_layout(size // patch, patch)  # all 150 tensors: a strict load into timm's ViT-S
