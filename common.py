@@ -43,6 +43,7 @@ import collections
 import contextlib
 import csv
 import dataclasses
+import errno
 import functools
 import itertools
 import json
@@ -1938,6 +1939,30 @@ def _item(v):
     return v.item() if isinstance(v, torch.Tensor) else v
 
 
+@functools.lru_cache(maxsize=None)
+def _code_version() -> dict:
+    """The git commit of the code this file belongs to, and whether the working tree had changes; {} outside a git
+    checkout (a copied file) or without git. Asked once per process."""
+    import subprocess
+
+    def git(*a):
+        return subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), *a], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+    try:
+        return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "-uno"))}
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
+def provenance() -> dict:
+    """What produced a file: UTC creation time (ISO 8601), the code's git commit (and a dirty flag) when run from
+    a git checkout, the torch / torchvision versions and the world size. Stored in every checkpoint and in
+    config.json."""
+    return {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **_code_version(),
+            "torch_version": str(torch.__version__), "torchvision_version": str(torchvision.__version__),
+            "world_size": get_world_size()}
+
+
 class RunLogger:
     """RUN_DIR/log.jsonl (one JSON object per line) plus one console line per log step, rank 0 only.
 
@@ -1965,6 +1990,14 @@ class RunLogger:
             self.data_time += time.perf_counter() - t
             yield batch
             t = time.perf_counter()  # the caller's step is done: waiting for the next batch starts
+
+    def write_config(self, config: dict) -> None:
+        """RUN_DIR/config.json (rank 0, atomically): the run's configuration and provenance, written at every
+        start and resume, so log.jsonl holds only step records (pandas.read_json(lines=True) reads it as is)."""
+        if self.dist.is_main:
+            tmp = self.path.with_name(f".config.json.tmp{os.getpid()}")
+            tmp.write_text(json.dumps({**_plain(config), **provenance()}, indent=1) + "\n")
+            os.replace(tmp, self.path.with_name("config.json"))
 
     def log(self, record: dict) -> None:
         if self.dist.is_main:
@@ -2103,18 +2136,50 @@ def seed_step(seed: int, step: int, rank: int) -> None:
     torch.manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
 
 
+def _one_line(e: BaseException) -> str:
+    """An exception -> one line for the user; never raises (an empty message gives the type's name)."""
+    msg = str(e).strip() or type(e).__name__
+    if "Original Traceback" in msg:  # raised in a DataLoader worker: our message is the traceback's last line
+        msg = re.sub(r"^[\w.]*Error: ", "", msg.splitlines()[-1])
+    return " ".join(msg.split())
+
+
+def _os_error_line(e: OSError) -> str:
+    """A file-system failure (no space, read-only, a file where a folder should be, no permission) -> one line
+    naming the path and what to do. The previous checkpoint is intact: writes go to a temporary file first."""
+    path = e.filename or "the output location"
+    hint = {errno.ENOSPC: "the disk is full: free space there or choose another --output-dir / --out-dir",
+            errno.EROFS: "the file system is read-only: choose a writable --output-dir / --out-dir",
+            errno.EACCES: "no permission to write there: choose a writable --output-dir / --out-dir",
+            errno.ENOTDIR: "a part of that path is a regular file, not a folder: choose another directory",
+            errno.ENOENT: "no such file or folder: check the path (a moved dataset: pass its new --data-dir)"}
+    return f"{path}: {e.strerror or type(e).__name__}; " + hint.get(e.errno, "check the path and the disk")
+
+
 def run(main) -> None:
-    """Run a script's main(). Our own input errors (missing data, an unreadable image, a bad checkpoint, bad flags)
-    print one clear line and exit with status 2, a diverged run with status 3, instead of a traceback. A run
-    stopped by Ctrl-C (StopSignal: it saved a checkpoint and printed how to continue) exits with status 130, the
-    shell's code for SIGINT; one stopped by SIGTERM / SIGUSR1 with 0, so a job scheduler sees a clean exit."""
+    """Run a script's main() with argparse's exit statuses and one line instead of a traceback for what a user can
+    fix: 2 for a usage error (a bad flag or combination, UsageError; argparse's own errors exit 2 before this),
+    1 for a run-time failure (missing data, an unreadable image, a damaged checkpoint, a full or read-only disk:
+    the line names the path and what to do), 3 for a diverged run, 130 for Ctrl-C (after StopSignal saved a
+    checkpoint and printed how to continue, or at once on a second Ctrl-C). A run stopped by SIGTERM / SIGUSR1
+    exits 0, so a job scheduler sees a clean exit. Anything else is a bug and keeps its traceback."""
+    code = 0
     try:
         main()
-    except (DatasetNotFoundError, CheckpointError, UsageError, BadImageError, DivergenceError) as e:
-        msg = str(e).strip() or type(e).__name__
-        if "Original Traceback" in msg:  # raised in a DataLoader worker: our message is the traceback's last line
-            msg = re.sub(r"^[\w.]*Error: ", "", msg.splitlines()[-1])
-        print(f"error: {msg}", file=sys.stderr, flush=True)
-        sys.exit(3 if isinstance(e, DivergenceError) else 2)
-    if StopSignal.received == "SIGINT":
-        sys.exit(130)
+    except UsageError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
+        code = 2
+    except (DatasetNotFoundError, CheckpointError, BadImageError, DivergenceError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
+        code = 3 if isinstance(e, DivergenceError) else 1
+    except OSError as e:
+        print(f"error: {_os_error_line(e)}", file=sys.stderr, flush=True)
+        code = 1
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C) before a checkpoint could be written; rerun the command with --resume "
+              "auto to continue from the last checkpoint", file=sys.stderr, flush=True)
+        code = 130
+    if code == 0 and StopSignal.received == "SIGINT":
+        code = 130
+    if code:
+        sys.exit(code)

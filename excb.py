@@ -487,7 +487,7 @@ def main():
     model, teacher_fwd = (torch.compile(model), torch.compile(teacher)) if args.compile else (model, teacher)
 
     logger = common.RunLogger(args.output_dir, dist, total, start_step=step)
-    logger.log({"config": dataclasses.asdict(args), "world_size": dist.world_size, "precision": prec.name})
+    logger.write_config({"config": dataclasses.asdict(args), "precision": prec.name, "start_step": step})
     lr_at = lambda t: schedules(t, total, warmup, args)["lr"]  # noqa: E731 (the guard's expected lr)
     guard = common.DivergenceGuard(device, steps_per_epoch, total, lr_at, args.output_dir)
     stop = common.StopSignal(dist)

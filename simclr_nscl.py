@@ -414,7 +414,7 @@ def main(argv=None):
         common.print0(f"resumed at epoch {step // steps_per_epoch}, step {step}")
 
     logger = common.RunLogger(args.output_dir, dist, total_steps, start_step=step)
-    logger.log({"config": dataclasses.asdict(args), "world_size": dist.world_size, "precision": prec.name})
+    logger.write_config({"config": dataclasses.asdict(args), "precision": prec.name, "start_step": step})
     guard = common.DivergenceGuard(device, steps_per_epoch, total_steps, lr_at, args.output_dir)
     stop = common.StopSignal(dist)
 

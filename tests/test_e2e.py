@@ -61,7 +61,7 @@ def test_wrong_method_resume_is_refused(tmp_path):
     assert _run(["resa.py", *TINY, "--epochs", "0", "--output-dir", str(run_dir)], tmp_path).returncode == 0
     ckpt = common.list_checkpoints(run_dir)[0]
     out = _run(["excb.py", *TINY, "--output-dir", str(tmp_path / "e"), "--resume", str(ckpt)], tmp_path)
-    assert out.returncode == 2 and "resume it with resa.py" in out.stderr
+    assert out.returncode == 1 and "resume it with resa.py" in out.stderr
 
 
 def test_bad_configuration_is_one_clear_line(tmp_path):

@@ -170,7 +170,7 @@ def test_damaged_checkpoint_clear_error_and_skip(run_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "monitor.py", str(run)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == 1, proc.stderr  # a run-time failure (common.run)
     assert "error:" in proc.stderr and "ckpt_epoch0002.pt" in proc.stderr and "damaged" in proc.stderr
     assert "Traceback" not in proc.stderr
     monitor.main([str(run), *FAST, "--skip-damaged", "--pairing", "seeds", "--lidar-images", "0", "--entropy",

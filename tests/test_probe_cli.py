@@ -93,7 +93,7 @@ def _value(rows, ckpt, probe_name, metric, shots=""):
 
 def _main(argv):
     """probe.py's command line in this process (what `python probe.py ...` runs, minus the interpreter
-    start): common.run turns our input errors into a message and exit status 2."""
+    start): common.run turns our input errors into one line and exit status 2 (usage) or 1 (run time)."""
     common.run(lambda: probe.main([str(a) for a in argv]))
 
 

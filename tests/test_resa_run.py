@@ -49,9 +49,12 @@ def test_checkpoints_log_and_heads(run_dir):
     state = common.load_checkpoint(run_dir / "ckpt_epoch0002.pt")["train_state"]
     for k, v in backbone.state_dict().items():
         assert torch.equal(v, state["momentum"]["encoder." + k]), k
+    config = json.loads((run_dir / "config.json").read_text())  # the configuration and provenance, beside the log
+    assert config["precision"] == "fp32" and config["config"]["epochs"] == 2 and config["world_size"] == 1
+    assert config["created"].endswith("Z") and config["torch_version"] == torch.__version__
+    assert "git_commit" in config and isinstance(config["git_dirty"], bool)  # the tests run from a git checkout
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    assert records[0]["precision"] == "fp32" and records[0]["config"]["epochs"] == 2  # the start line
-    records = records[1:]
+    assert all(isinstance(r["epoch"], int) and isinstance(r["step"], int) for r in records)  # pandas-ready
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for r in records:
         assert {"loss", "sched/lr", "sched/ema", "perf/images_per_s", "perf/peak_mem_gb", "perf/eta_s",
