@@ -45,6 +45,7 @@ import csv
 import dataclasses
 import errno
 import functools
+import io
 import itertools
 import json
 import math
@@ -1469,18 +1470,23 @@ def make_checkpoint(method: str, epoch: int, step: int, args, backbone_spec: dic
 def save_checkpoint(path, state: dict) -> Path:
     """Write atomically: a temporary file in the same folder, fsync, then os.replace. A crash or kill
     mid-write leaves the previous file at `path` intact (the temporary name is not *.pt, so run
-    directories never list it)."""
+    directories never list it). Serialised in memory first: torch.save's zip writer reports a full disk as an
+    opaque RuntimeError, a plain write as the OSError (ENOSPC, with the path) that run() turns into one line."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and not e.filename:  # a failed write() names no file: name the checkpoint
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
     return path
 
@@ -1939,6 +1945,19 @@ def _item(v):
     return v.item() if isinstance(v, torch.Tensor) else v
 
 
+def check_writable(path) -> Path:
+    """Create the output directory if needed and prove it takes a file, BEFORE any work: a regular file in the
+    path, a read-only or full disk then fail here with one line (run()), not after the first epoch."""
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    test = p / f".write_test.{os.getpid()}"
+    try:
+        test.write_bytes(b"0")
+    finally:
+        test.unlink(missing_ok=True)
+    return p
+
+
 @functools.lru_cache(maxsize=None)
 def _code_version() -> dict:
     """The git commit of the code this file belongs to, and whether the working tree had changes; {} outside a git
@@ -2002,8 +2021,11 @@ class RunLogger:
     def log(self, record: dict) -> None:
         if self.dist.is_main:
             record = {k: _item(v) for k, v in record.items()}
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+            except OSError as e:  # a full disk fails in write(), which names no file
+                raise OSError(e.errno, e.strerror, str(self.path)) from None
 
     def step_line(self, epoch: int, step: int, loss, lr: float, images_per_step: int,
                   extra: dict | None = None) -> dict:

@@ -425,9 +425,10 @@ def stack_views(views, device):
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
-def main():
-    args = common.parse_args(Args, PRESETS)
+def main(argv=None):
+    args = common.parse_args(Args, PRESETS, argv)
     dist = common.setup_distributed()
+    common.check_writable(args.output_dir)  # a bad --output-dir fails now, in one line, not after an epoch
     device = dist.device
     common.seed_everything(args.seed)  # same init on every rank: the teacher is not broadcast by DDP
     B = common.split_batch(args.batch_size, dist.world_size)

@@ -303,6 +303,7 @@ def build_views(args, info):
 def main(argv=None):
     args = common.parse_args(Args, PRESETS, argv)
     dist = common.setup_distributed()
+    common.check_writable(args.output_dir)  # a bad --output-dir fails now, in one line, not after an epoch
     device, cuda = dist.device, dist.device.type == "cuda"
     # Same seed on every rank: the momentum net is a copy of the online init, and DDP only broadcasts the
     # online net. Augmentations are seeded by (seed, epoch, index) inside the loader.

@@ -356,6 +356,7 @@ class ClassBalancedBatchSampler:
 def main(argv=None):
     args = common.parse_args(Args, PRESETS, argv)
     dist = common.setup_distributed()
+    common.check_writable(args.output_dir)  # a bad --output-dir fails now, in one line, not after an epoch
     device = dist.device
     common.seed_everything(args.seed)  # same seed on every rank: identical initial weights
     torch.backends.cudnn.benchmark = True
