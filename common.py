@@ -1377,6 +1377,24 @@ def backbone_spec(name: str, image_size: int, **kwargs) -> dict:
     return {"name": name, "image_size": int(image_size), "kwargs": kwargs}
 
 
+# Checkpoints written before the ViT took timm's names (blocks.N.qkv, ...): the five renames that make them load.
+_LEGACY_VIT = (("patch_embed.", "patch_embed.proj."), (".qkv.", ".attn.qkv."), (".proj.", ".attn.proj."),
+               (".mlp.0.", ".mlp.fc1."), (".mlp.2.", ".mlp.fc2."))
+
+
+def timm_names(state: dict) -> dict:
+    """A ViT state_dict with the old names -> timm's names (an old checkpoint loads strictly, nothing silently
+    left random); a state_dict that already has them is returned as it is."""
+    if not any(k.startswith("blocks.") and ".qkv." in k and ".attn." not in k for k in state):
+        return state
+    def rename(k):
+        for old, new in _LEGACY_VIT:
+            if old in k and not (old == ".proj." and ".patch_embed" in "." + k):
+                k = k.replace(old, new, 1)
+        return k
+    return {rename(k): v for k, v in state.items()}
+
+
 # ================================================================================================
 # 4. CHECKPOINTS
 # ================================================================================================
@@ -1529,7 +1547,8 @@ def load_backbone(path_or_ckpt) -> tuple[nn.Module, dict]:
     spec = ckpt["backbone"]
     model, _ = build_backbone(spec["name"], spec["image_size"], **spec.get("kwargs", {}))
     try:
-        model.load_state_dict(ckpt["eval_backbone"], strict=True)
+        model.load_state_dict(timm_names(ckpt["eval_backbone"]) if spec["name"] == "vit_small"
+                              else ckpt["eval_backbone"], strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{path or 'checkpoint'}: its weights do not fit a {spec['name']} built from "
                               f"its own spec {spec} ({_why(e)})") from None
@@ -1721,6 +1740,30 @@ class Progress:
             line += (f"/{self.total:,} {self.unit} ({100 * self.done / self.total:.0f} %), "
                      f"eta {eta // 60}:{eta % 60:02d}")
         print0(f"{line}, {rate:,.0f} {self.unit}/s")
+
+
+BACKBONE_FORMAT = "ssl-clustering-backbone/1"
+
+
+def export_backbone(ckpt_path, out_path=None) -> Path:
+    """A checkpoint's evaluation encoder alone, for other code (`python common.py export CKPT [OUT]`) -> a small
+    file loadable with torch.load(weights_only=True): `state_dict` in the ecosystem's names (ResNets:
+    torchvision's resnet18 / resnet50 without `fc`; the ViT: timm's VisionTransformer), `arch` and `kwargs`
+    (build_backbone's arguments), `cifar_stem` (ResNets: the 3x3 stride-1 stem without max-pool), `image_size`,
+    `feature_dim`, normalisation `mean` / `std`, `method`, `epoch`, `eval_encoder` and `provenance` (the
+    checkpoint's and the export's). README.md#using-a-backbone-elsewhere shows the few lines that load it."""
+    model, meta = load_backbone(ckpt_path)
+    spec, data = meta["backbone"], meta["data"]
+    out = Path(out_path) if out_path else Path(ckpt_path).with_name(Path(ckpt_path).stem + "_backbone.pt")
+    blob = {"format": BACKBONE_FORMAT, "arch": spec["name"], "kwargs": spec.get("kwargs", {}),
+            "cifar_stem": spec["name"].startswith("resnet") and model.conv1.stride == (1, 1),
+            "image_size": spec["image_size"], "feature_dim": spec.get("feature_dim"), "mean": data["mean"],
+            "std": data["std"], "method": meta["method"], "epoch": meta["epoch"],
+            "eval_encoder": meta["eval_encoder"], "state_dict": model.state_dict(),
+            "provenance": {"checkpoint": str(ckpt_path), "trained": meta.get("provenance", {}),
+                           "exported": provenance()}}
+    save_checkpoint(out, blob)  # its atomic write (the file is not a training checkpoint)
+    return out
 
 
 # --- the evaluation scripts' shared pieces: k-NN, thread limits, the run-directory argument, CSV files ---------
@@ -2205,3 +2248,11 @@ def run(main) -> None:
         code = 130
     if code:
         sys.exit(code)
+
+
+if __name__ == "__main__":  # python common.py export CKPT [OUT]: the evaluation backbone alone (export_backbone)
+    def _export():
+        if sys.argv[1:2] != ["export"] or len(sys.argv) not in (3, 4):
+            raise UsageError("usage: python common.py export CKPT [OUT]  (OUT defaults to CKPT's name + _backbone.pt)")
+        print(f"wrote {export_backbone(*sys.argv[2:])}")
+    run(_export)
