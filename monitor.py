@@ -40,20 +40,21 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from scipy import stats  # installed with scikit-learn
+from scipy.special import digamma
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_mutual_info_score, silhouette_score
 
 import common
 
-# ===============================================================================================================
-# METRICS: pure functions on an (N, D) embedding tensor (no labels)
-# ===============================================================================================================
+# ===================================== METRICS: pure functions on an (N, D) embedding tensor (no labels) =======
 # Symbols: x (N, D) embeddings of N images; K the number of k-means clusters; C_1, C_2 two clusterings (label
 # vectors of length N); views (n, q, D) q augmented views of each of n images (LiDAR).
 
 
 def _np32(x):
     """(N, D) tensor or array -> C-contiguous float32 numpy array (what scikit-learn's k-means runs on)."""
-    if torch.is_tensor(x):
-        x = x.detach().cpu().float().numpy()
+    x = x.detach().cpu().float().numpy() if torch.is_tensor(x) else x
     return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
 
 
@@ -68,8 +69,6 @@ def kmeans_labels(x, n_clusters, seed, n_init=3):
     our choice: n_init=3 restarts (the paper does not say; sklearn's "auto" is 1). One restart makes the
     seeds-pairing agreement mostly measure k-means noise; 10 costs ~3x more for little change on our runs.
     """
-    from sklearn.cluster import KMeans
-
     km = KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed)
     with warnings.catch_warnings():  # a collapsed embedding gives fewer distinct points than K: not an error here
         warnings.simplefilter("ignore")
@@ -81,8 +80,6 @@ def silhouette(x, labels, sample_size=None, seed=0):
 
     NaN when it is undefined (fewer than 2 or more than N-1 distinct clusters, e.g. a collapsed embedding).
     """
-    from sklearn.metrics import silhouette_score
-
     n_labels = len(np.unique(labels))
     if n_labels < 2 or n_labels > len(labels) - 1:
         return float("nan")
@@ -112,8 +109,6 @@ def clustering_agreement(x_a, x_b, n_clusters, seed, seed_b=None, n_init=3, labe
     our choice: AMI with sklearn's default arithmetic normalisation; the paper names AMI, not the variant.
     labels_a: C_1 if already computed for x_a with the same (n_clusters, seed).
     """
-    from sklearn.metrics import adjusted_mutual_info_score
-
     seed_b = seed if seed_b is None else seed_b
     if labels_a is None:
         labels_a = kmeans_labels(x_a, n_clusters, seed, n_init)
@@ -165,8 +160,6 @@ def knn_entropy(x, k=3, min_dist=1e-10):
     consistent but strongly biased when D is large relative to log N (D = 512, N = 5000): compare it only
     within one run, as the paper does with its trends.
     """
-    from scipy.special import digamma
-
     n, d = x.shape
     r = knn_distances(x, k)[:, -1].clamp_min(min_dist)
     log_vd = 0.5 * d * math.log(math.pi) - math.lgamma(0.5 * d + 1)
@@ -275,9 +268,7 @@ def lidar(views, delta=1e-4, eps=1e-8):
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Correlation with the probe accuracy across checkpoints
-# ---------------------------------------------------------------------------------------------------------------
+# ===================================== CORRELATION with the probe accuracy across checkpoints ==================
 
 def correlation_report(metric, probe, skip_early=0):
     """Pearson, Spearman and Kendall (tau-b) correlation of a metric series with the probe accuracy series
@@ -288,23 +279,15 @@ def correlation_report(metric, probe, skip_early=0):
     finds entropy unstable early in training. Returns {"n", "pearson", "spearman", "kendall"}, NaN where
     undefined (fewer than 3 points, or a constant series).
     """
-    from scipy import stats
-
-    m = np.asarray(metric, dtype=np.float64)[skip_early:]
-    p = np.asarray(probe, dtype=np.float64)[skip_early:]
+    m, p = (np.asarray(v, dtype=np.float64)[skip_early:] for v in (metric, probe))
     ok = np.isfinite(m) & np.isfinite(p)
     m, p = m[ok], p[ok]
-    out = {"n": int(ok.sum()), "pearson": float("nan"), "spearman": float("nan"), "kendall": float("nan")}
-    if len(m) < 3 or np.ptp(m) == 0 or np.ptp(p) == 0:
-        return out
-    out["pearson"] = float(stats.pearsonr(m, p)[0])
-    out["spearman"] = float(stats.spearmanr(m, p)[0])
-    out["kendall"] = float(stats.kendalltau(m, p)[0])
-    return out
+    defined = len(m) >= 3 and np.ptp(m) > 0 and np.ptp(p) > 0
+    return {"n": int(ok.sum()), **{name: float(fn(m, p)[0]) if defined else float("nan") for name, fn in
+                                   (("pearson", stats.pearsonr), ("spearman", stats.spearmanr),
+                                    ("kendall", stats.kendalltau))}}
 
-# ===============================================================================================================
-# CONFIG (docs/monitor.md explains every default; "our choice" where the paper gives none)
-# ===============================================================================================================
+# ===================================== CONFIG (every default: docs/monitor.md) =================================
 
 def _f(default, help, **check):
     """A dataclass field with its --help text and the checks common.parse_args applies (choices=, range=)."""
@@ -401,7 +384,7 @@ def check_sizes(args, n_clusters):
                                 f"{'the dataset classes' if flag == '--n-clusters' else 'skip LiDAR'})")
     need = max((n_clusters + 1, f"k-means with K={n_clusters} and its silhouette"), (3, "TwoNN"),
                (args.knn_k + 1 if "knn" in args.entropy else 0, f"the k-NN entropy with --knn-k {args.knn_k}"),
-               (20 if args.probe in ("auto", "knn") and not args.benchmark else 0, "the k-NN probe (20 neighbours)"))
+               (20 * (args.probe in ("auto", "knn") and not args.benchmark), "the k-NN probe (20 neighbours)"))
     for flag in ("--max-samples", "--silhouette-samples", "--benchmark"):
         n = getattr(args, flag[2:].replace("-", "_"))
         if 0 < n < (n_clusters + 1 if flag == "--silhouette-samples" else need[0]):
@@ -409,9 +392,7 @@ def check_sizes(args, n_clusters):
                                     f"(or 0 = all)")
 
 
-# ===============================================================================================================
-# METRIC SET: every label-free metric of one embedding, as the CLI computes it per checkpoint
-# ===============================================================================================================
+# ===================================== METRIC SET: every label-free metric of one embedding ====================
 
 def label_free_metrics(x, n_clusters, args, x_aug=None, views=None, timings=None):
     """All label-free metrics of x (N, D). x_aug (N, D): one augmented view of the same images (pairing
@@ -419,39 +400,39 @@ def label_free_metrics(x, n_clusters, args, x_aug=None, views=None, timings=None
     timings = {} if timings is None else timings
     out, progress = {}, common.Progress("metric set", 9, "metrics")
 
-    def timed(name, fn):  # (wall, CPU) seconds: on a shared machine the CPU time is the stable number
-        t, c = time.perf_counter(), time.process_time()
+    def timed(timer, fn, name=None, note=""):  # value of fn(), as out[name] too; its (wall, CPU) seconds added
+        t, c = time.perf_counter(), time.process_time()  # to timings[timer] (on a shared machine: CPU time)
         value = fn()
-        w0, c0 = timings.get(name, (0.0, 0.0))
-        timings[name] = (w0 + time.perf_counter() - t, c0 + time.process_time() - c)
+        w0, c0 = timings.get(timer, (0.0, 0.0))
+        timings[timer] = (w0 + time.perf_counter() - t, c0 + time.process_time() - c)
         progress.update(1)
+        if name:
+            out[name] = (value, note)
         return value
 
     c1 = timed("kmeans+silhouette", lambda: kmeans_labels(x, n_clusters, args.seed, args.kmeans_n_init))
-    s1 = timed("kmeans+silhouette", lambda: silhouette(x, c1, args.silhouette_samples or None, args.seed))
-    out["silhouette"] = (s1, f"K={n_clusters}, euclidean")
+    timed("kmeans+silhouette", lambda: silhouette(x, c1, args.silhouette_samples or None, args.seed),
+          "silhouette", f"K={n_clusters}, euclidean")
     # Sec. "clustering agreement": AMI(C_1; C_2), C_2 from the augmented view or from a second k-means seed
     views_pairing = args.pairing == "views" and x_aug is not None
     x_b, seed_b = (x_aug, args.seed) if views_pairing else (x, args.seed + 1)
-    ami = timed("agreement", lambda: clustering_agreement(x, x_b, n_clusters, args.seed, seed_b,
-                                                          args.kmeans_n_init, labels_a=c1))
-    out["agreement"] = (ami, f"AMI, pairing={'views' if views_pairing else 'seeds'}, K={n_clusters}")
+    timed("agreement", lambda: clustering_agreement(x, x_b, n_clusters, args.seed, seed_b, args.kmeans_n_init,
+                                                    labels_a=c1), "agreement",
+          f"AMI, pairing={'views' if views_pairing else 'seeds'}, K={n_clusters}")
     if "gaussian" in args.entropy:
-        out["entropy_gaussian"] = (timed("entropy_gaussian", lambda: embedding_entropy(
-            x, "gaussian", eps=args.entropy_eps)), f"eps={args.entropy_eps:g}")
+        timed("entropy_gaussian", lambda: embedding_entropy(x, "gaussian", eps=args.entropy_eps),
+              "entropy_gaussian", f"eps={args.entropy_eps:g}")
     if "knn" in args.entropy:
-        out["entropy_knn"] = (timed("entropy_knn", lambda: embedding_entropy(x, "knn", k=args.knn_k)),
-                              f"k={args.knn_k}")
-    out["rankme"] = (timed("rankme", lambda: rankme(x, args.rankme_eps, args.rankme_center)),
-                     f"eps={args.rankme_eps:g}, center={args.rankme_center}")
+        timed("entropy_knn", lambda: embedding_entropy(x, "knn", k=args.knn_k), "entropy_knn", f"k={args.knn_k}")
+    timed("rankme", lambda: rankme(x, args.rankme_eps, args.rankme_center), "rankme",
+          f"eps={args.rankme_eps:g}, center={args.rankme_center}")
     a = timed("alpha_req", lambda: alpha_req(x, args.alpha_fit_range))
     note = f"fit ranks {a['fit_lo']}-{a['fit_hi']}"
     out["alpha_req"], out["alpha_req_r2"] = (a["alpha"], note), (a["r2"], note)
     if views is not None:
-        out["lidar"] = (timed("lidar", lambda: lidar(views, args.lidar_delta)),
-                        f"n={views.shape[0]}, q={views.shape[1]}, delta={args.lidar_delta:g}")
-    out["intrinsic_dimension"] = (timed("intrinsic_dimension", lambda: intrinsic_dimension(x)),
-                                  "TwoNN MLE, duplicates removed")
+        timed("lidar", lambda: lidar(views, args.lidar_delta), "lidar",
+              f"n={views.shape[0]}, q={views.shape[1]}, delta={args.lidar_delta:g}")
+    timed("intrinsic_dimension", lambda: intrinsic_dimension(x), "intrinsic_dimension", "TwoNN MLE, distinct rows")
     return out, c1
 
 
@@ -473,9 +454,7 @@ def read_probe_csv(path, preference, dataset=None):
     return {}, None
 
 
-# ===============================================================================================================
-# FEATURES: checkpoints -> embeddings of clean and augmented images
-# ===============================================================================================================
+# ===================================== FEATURES: checkpoints -> embeddings of clean and augmented images =======
 
 class _Views(torch.utils.data.Dataset):
     """q augmented views of the first n images of `base` (index j -> image j // q, view j % q)."""
@@ -572,9 +551,7 @@ def validate_checkpoints(paths, skip_damaged):
     return good, metas
 
 
-# ===============================================================================================================
-# OUTPUTS: every file through a temporary name, figures
-# ===============================================================================================================
+# ===================================== OUTPUTS: every file through a temporary name, figures ===================
 
 def output_dir(args, run_dir):
     """--out-dir, or the run directory: created and tried before any work (one line and exit 1 if unwritable:
@@ -678,9 +655,7 @@ def report(rows, names, epochs, feature_sets, probe_note, skip_early, title, out
     return corr_rows, written
 
 
-# ===============================================================================================================
-# MAIN: every checkpoint -> monitor.csv, correlations, plots
-# ===============================================================================================================
+# ===================================== MAIN: every checkpoint -> monitor.csv, correlations, plots ==============
 
 def benchmark(args):
     """--benchmark N: the full metric set on N x 512 synthetic clustered embeddings, subsampled to --max-samples
@@ -754,7 +729,6 @@ def monitor_checkpoint(path, args, data, device, feature_sets, probe):
         for name, (value, note) in metrics.items():
             add(fs, name, value, note)
         if labelled:  # label-based reference of the paper: AMI(C_1; C_GT)
-            from sklearn.metrics import adjusted_mutual_info_score
             add(fs, "ami_gt", float(adjusted_mutual_info_score(y.numpy(), c1)), f"AMI vs labels, K={n_clusters}")
         n_used["lidar_images"] = 0 if v is None else v.shape[0]
 
