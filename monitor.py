@@ -732,16 +732,13 @@ def monitor_checkpoint(path, args, data, device, feature_sets, probe):
             add(fs, "ami_gt", float(adjusted_mutual_info_score(y.numpy(), c1)), f"AMI vs labels, K={n_clusters}")
         n_used["lidar_images"] = 0 if v is None else v.shape[0]
 
-    acc = csv_acc.get(epoch, float("nan"))
+    acc = csv_acc.get(epoch, float("nan")) if probe_mode == "csv" else float("nan")
     if probe_mode == "csv" and epoch not in csv_acc:
         print(f"warning: probe.csv has no {probe_note} row for epoch {epoch}", file=sys.stderr)
-    elif probe_mode == "knn":
-        acc = float("nan")
+    elif probe_mode == "knn" and labelled:
         try:
-            test, test_y = features("test", args.test_samples, sets=["backbone"]) if labelled else (None, None)
-            acc = float("nan") if test is None else common.knn_accuracy(train["backbone"], y, test["backbone"],
-                                                                          test_y)
-            n_used["test"] = 0 if test is None else len(test_y)
+            test, test_y = features("test", args.test_samples, sets=["backbone"])
+            acc, n_used["test"] = common.knn_accuracy(train["backbone"], y, test["backbone"], test_y), len(test_y)
         except common.DatasetNotFoundError as e:  # e.g. an ImageFolder without val/: no k-NN probe
             print(f"warning: no labelled test split, so no k-NN probe ({e})", file=sys.stderr)
     if probe_mode != "none":
@@ -787,11 +784,9 @@ def monitor_run(args):
               "seconds": round(time.perf_counter() - t_start, 1)}
     written += files + [save(out / "monitor_config.json",
                              lambda tmp: tmp.write_text(json.dumps(config, indent=1, default=str)))]
-    if len(epochs) < 3 or probe[0] == "none":
-        corr_rows = []
-        print(f"[monitor] {len(epochs)} checkpoint(s): no correlation (it needs 3 checkpoints and a probe)")
-    else:
-        print(f"[monitor] correlation with the probe accuracy ({probe[2]}) across {len(epochs)} checkpoints:")
+    corr_rows = corr_rows if len(epochs) >= 3 and probe[0] != "none" else []
+    print(f"[monitor] correlation with the probe accuracy ({probe[2]}) across {len(epochs)} checkpoints:"
+          if corr_rows else f"[monitor] {len(epochs)} checkpoint(s): no correlation (needs 3 and a probe)")
     for c in corr_rows:
         print(f"  {c['features']:<9s} {c['metric']:<19s} skip {c['skip_early']}: n={c['n']} r={c['pearson']:.3f} "
               f"rho={c['spearman']:.3f} tau={c['kendall']:.3f}")

@@ -152,7 +152,8 @@ def test_alpha_req_numpy_fit_equals_scipy_linregress(fit_range):
     lam = monitor.covariance_spectrum(x)
     ref = stats.linregress(np.log(np.arange(out["fit_lo"], out["fit_hi"] + 1)),
                            lam[out["fit_lo"] - 1:out["fit_hi"]].log().numpy())
-    assert out["alpha"] == pytest.approx(-ref.slope, abs=1e-10) and out["r2"] == pytest.approx(ref.rvalue ** 2, abs=1e-10)
+    assert out["alpha"] == pytest.approx(-ref.slope, abs=1e-10)
+    assert out["r2"] == pytest.approx(ref.rvalue ** 2, abs=1e-10)
 
 
 def test_lidar_identical_views_and_linear_invariance():
