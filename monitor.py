@@ -300,7 +300,7 @@ class Args:
     run_dir: str = _f("", "run directory (its *.pt files) or one checkpoint; may come first, without the flag")
     out_dir: str = _f("", "where every output goes ('' = the run dir, which must then be writable)")
     data_dir: str = _f("", "dataset folder ('' = the checkpoint's own)")
-    features: str = _f("backbone", "embedding measured", choices=("backbone", "projector", "all"))
+    features: str = _f("backbone", "embedding the metrics see", choices=("backbone", "projector", "all"))
     max_samples: int = _f(5000, "unlabelled train images per checkpoint (0 = all)", range="[0, inf)")
     seed: int = _f(0, "seed of k-means, the silhouette subset and the augmentations", range="[0, inf)")
     # label-free metrics
