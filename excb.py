@@ -601,38 +601,35 @@ def cluster_size_summary(counts):
 def analyze(argv):
     """`python excb.py analyze RUN_DIR`: cluster sizes by inference at every checkpoint (App. A, Fig. 5) and a
     t-SNE of the last one (App. C, Fig. 7) -> excb.csv, monitor_excb_sizes.png, monitor_excb_tsne.png."""
-    import argparse
-
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from sklearn.manifold import TSNE
 
-    p = argparse.ArgumentParser(prog="excb.py analyze", description=analyze.__doc__)
+    p = common._Parser(prog="excb.py analyze", description=analyze.__doc__)  # usage errors: one line, exit 2
     p.add_argument("run", help="run directory (every *.pt, in epoch order) or one checkpoint")
     p.add_argument("--out-dir", default="", help="where the outputs go (default: the run directory)")
-    p.add_argument("--samples", type=int, default=0, help="train images assigned (0 = all, as the paper)")
-    p.add_argument("--bn", choices=("eval", "batch"), default="eval", help="BatchNorm: running statistics (our "
-                   "reading of 'simple inference') or batch statistics, as the teacher runs in training; they "
-                   "differ most early, when the running statistics have seen only the k-means passes")
-    p.add_argument("--tsne-classes", type=int, default=10, help="classes in the t-SNE picture (Fig. 7)")
-    p.add_argument("--tsne-per-class", type=int, default=100, help="images per class in the t-SNE picture")
+    p.add_argument("--bn", choices=("eval", "batch"), default="eval", help="BatchNorm statistics")
     p.add_argument("--data-dir", default=None, help="override the data directory stored in the checkpoints")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0, help="the t-SNE and its images")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (0 = the defaults)")
+    for flag, low, default, text in (  # t-SNE: more points than its perplexity (>= 2), so >= 3 images
+            ("--samples", 0, 0, "train images assigned (0 = all, as the paper)"), ("--batch-size", 1, 256, ""),
+            ("--tsne-classes", 1, 10, "classes in the t-SNE picture (Fig. 7)"), ("--workers", 0, 0, ""),
+            ("--tsne-per-class", 3, 100, "images per t-SNE class"), ("--seed", 0, 0, "seed of the t-SNE"),
+            ("--threads", 0, 1, "CPU threads (0 = the defaults)")):
+        p.add_argument(flag, type=common._ranged(int, f"[{low}, inf)"), default=default, help=text)
     a = p.parse_args(argv)
-    out = Path(a.out_dir) if a.out_dir else common.run_dir_of(a.run)
-    out.mkdir(parents=True, exist_ok=True)
-    device, rows, sizes, loader = common.select_device(), [], {}, None
+    out, run_name = Path(a.out_dir) if a.out_dir else common.run_dir_of(a.run), common.run_dir_of(a.run).name
+    device, rows, sizes, loader, paths = common.select_device(), [], {}, None, common.list_checkpoints(a.run)
+    progress = common.Progress("excb.py analyze", len(paths), "checkpoints")
     with common.cpu_threads(a.threads), torch.no_grad():
-        for path in common.list_checkpoints(a.run):
+        for path in paths:
             ckpt = common.load_checkpoint(path)
             (backbone, meta), heads = common.load_backbone(ckpt), common.load_heads(ckpt)
             if not {"projector", "centroids"} <= set(heads):
                 raise common.UsageError(f"{path} has heads {sorted(heads)}; excb.py analyze needs 'projector' "
-                                        f"and 'centroids' (an ExCB checkpoint)")
+                                        "and 'centroids' (an ExCB checkpoint)")
+            if 0 < a.samples < max(3, meta["data"]["num_classes"]):  # a class-stratified subset; t-SNE: >= 3
+                p.error(f"argument --samples: {a.samples} is too few: one image per class and 3 for the t-SNE")
             loader = loader or common.eval_loader(meta, "train", a.data_dir, a.batch_size, a.workers, a.samples)
             net = nn.Sequential(backbone, heads["projector"]).to(device).train(a.bn == "batch")
             h, y = map(torch.cat, zip(*[(net(x.to(device)).float().cpu(), y) for x, y in loader]))  # (N, D)
@@ -641,7 +638,8 @@ def analyze(argv):
             sizes[int(meta["epoch"])] = rel
             rows.append({"checkpoint": path.name, "epoch": int(meta["epoch"]), **summary})
             common.print0(f"{path.name}: " + " ".join(f"{k} {v:.4g}" for k, v in summary.items()))
-        common.write_csv(out / "excb.csv", rows, list(rows[0]))
+            progress.update(1)
+        common.write_csv(out / "excb.csv", rows, list(rows[0]))  # creates out
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for i, (e, rel) in enumerate(sorted(sizes.items())):
             ax.plot(range(1, len(rel) + 1), rel, color=plt.get_cmap("viridis")(i / max(len(sizes) - 1, 1)),
@@ -651,11 +649,12 @@ def analyze(argv):
             ax.axvspan(s["K"] - s["empty"] + 0.5, s["K"] + 0.5, color="red", alpha=0.12, label="empty (last)")
         ax.axhline(1.0, color="k", ls="--", lw=0.8, label="balanced size 1")
         ax.set_yscale("symlog", linthresh=1.0)  # linear in [0, 1] (under-used clusters), log above (over-used)
-        ax.set(xlabel="cluster (sorted by size)", ylabel="relative size N_c K / N (symlog)",
+        ax.set(xlabel="cluster rank (sorted by size)", ylabel="relative size N_c K / N (1 = balanced, symlog)",
                ylim=(0, 1.5 * max(float(rel[0]) for rel in sizes.values())),
-               title=f"epoch {s['epoch']}: K={s['K']}, N={s['N']}, {s['empty']} empty, largest "
-                     f"{s['max_rel_size']:.1f}")
-        ax.legend(fontsize=7, ncol=2)
+               title=f"run {run_name} ({meta['method']}): cluster sizes; epoch {s['epoch']}: K={s['K']}, "
+                     f"N={s['N']}, {s['empty']} empty, largest {s['max_rel_size']:.1f}")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+        ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: covers no data
         fig.savefig(out / "monitor_excb_sizes.png", dpi=110, bbox_inches="tight")
         g = torch.Generator().manual_seed(a.seed)  # Fig. 7: tsne_per_class random images of the first classes
         pick = torch.cat([torch.nonzero(y == c).flatten()[torch.randperm(int((y == c).sum()), generator=g)]
@@ -663,12 +662,12 @@ def analyze(argv):
         xy = TSNE(2, perplexity=float(min(30.0, max(2.0, (len(pick) - 1) / 3))), init="pca",
                   random_state=a.seed).fit_transform(h[pick].numpy())
         fig, ax = plt.subplots(figsize=(6, 6))
-        names = getattr(loader.dataset, "classes", None)
-        for c in torch.unique(y[pick]).tolist():
+        for c in torch.unique(y[pick]).tolist():  # one colour per class, named as the dataset names it
             m = (y[pick] == c).numpy()
-            ax.scatter(xy[m, 0], xy[m, 1], s=6, label=names[c] if names else str(c))
-        ax.set(xticks=[], yticks=[], title=f"{meta['method']} epoch {s['epoch']}: t-SNE of projector features")
-        ax.legend(fontsize=7, markerscale=2)
+            ax.scatter(xy[m, 0], xy[m, 1], s=6, label=str(getattr(loader.dataset, "classes", range(c + 1))[c]))
+        ax.set(xticks=[], yticks=[], xlabel="t-SNE 1 (no unit)", ylabel="t-SNE 2 (no unit)",
+               title=f"run {run_name} ({meta['method']}), epoch {s['epoch']}: t-SNE of projector features")
+        ax.legend(fontsize=7, markerscale=2, loc="upper left", bbox_to_anchor=(1.01, 1))
         fig.savefig(out / "monitor_excb_tsne.png", dpi=110, bbox_inches="tight")
     common.print0(f"wrote excb.csv, monitor_excb_sizes.png, monitor_excb_tsne.png to {out}")
 

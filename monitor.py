@@ -17,26 +17,20 @@ Commands (docs/monitor.md has the details):
     python monitor.py runs/x                               # every checkpoint: monitor.csv, correlations, plots
     python monitor.py runs/x --features all --pairing seeds --skip-early 2
     python monitor.py --benchmark 10000                    # time the metric set on 10,000 x 512 embeddings
-Outputs (in RUN_DIR, or --out-dir): monitor.csv (long format: checkpoint, epoch, method, features, precision,
-metric, value, note), monitor_correlations.csv, monitor_config.json, monitor_epoch_<features>.png,
-monitor_probe_<features>.png.
+Outputs (in RUN_DIR, or --out-dir): monitor.csv (long format, COLUMNS below), monitor_correlations.csv,
+monitor_config.json, monitor_epoch_<features>.png, monitor_probe_<features>.png. Timings: docs/monitor.md.
 
-Measured (2-core CPU shared with other jobs, load 3-4, torch 2.14.1, scikit-learn 1.9.1, 1 thread), before the
-intrinsic dimension was added (it adds one k-NN pass, about as much as entropy_knn):
-    full label-free metric set on 10,000 x 512 embeddings: 8.6 s with the default --max-samples 5000 (K = 10),
-    18 s with K = 100, 21 s on all 10,000 rows.
-
-Reading guide: the METRICS section holds pure functions on an (N, D) tensor, each usable on its own:
-    kmeans_silhouette, clustering_agreement, embedding_entropy, rankme, alpha_req, lidar, intrinsic_dimension,
-    correlation_report. The paper tags are `# Sec.`/`# Eq.` of the respective papers; `# our choice:` marks a
-    default the paper does not fix.
+Reading guide: the METRICS section holds pure functions on an (N, D) tensor, each usable on its own. The paper
+tags are `# Sec.`/`# Eq.` of the respective papers; `# our choice:` marks a default the paper does not fix.
 """
 
 import copy
 import csv
 import json
 import math
+import os
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -46,20 +40,21 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from scipy import stats  # installed with scikit-learn
+from scipy.special import digamma
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_mutual_info_score, silhouette_score
 
 import common
 
-# ===============================================================================================================
-# METRICS: pure functions on an (N, D) embedding tensor (no labels)
-# ===============================================================================================================
+# ===================================== METRICS: pure functions on an (N, D) embedding tensor (no labels) =======
 # Symbols: x (N, D) embeddings of N images; K the number of k-means clusters; C_1, C_2 two clusterings (label
 # vectors of length N); views (n, q, D) q augmented views of each of n images (LiDAR).
 
 
 def _np32(x):
     """(N, D) tensor or array -> C-contiguous float32 numpy array (what scikit-learn's k-means runs on)."""
-    if torch.is_tensor(x):
-        x = x.detach().cpu().float().numpy()
+    x = x.detach().cpu().float().numpy() if torch.is_tensor(x) else x
     return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
 
 
@@ -74,8 +69,6 @@ def kmeans_labels(x, n_clusters, seed, n_init=3):
     our choice: n_init=3 restarts (the paper does not say; sklearn's "auto" is 1). One restart makes the
     seeds-pairing agreement mostly measure k-means noise; 10 costs ~3x more for little change on our runs.
     """
-    from sklearn.cluster import KMeans
-
     km = KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed)
     with warnings.catch_warnings():  # a collapsed embedding gives fewer distinct points than K: not an error here
         warnings.simplefilter("ignore")
@@ -87,8 +80,6 @@ def silhouette(x, labels, sample_size=None, seed=0):
 
     NaN when it is undefined (fewer than 2 or more than N-1 distinct clusters, e.g. a collapsed embedding).
     """
-    from sklearn.metrics import silhouette_score
-
     n_labels = len(np.unique(labels))
     if n_labels < 2 or n_labels > len(labels) - 1:
         return float("nan")
@@ -118,8 +109,6 @@ def clustering_agreement(x_a, x_b, n_clusters, seed, seed_b=None, n_init=3, labe
     our choice: AMI with sklearn's default arithmetic normalisation; the paper names AMI, not the variant.
     labels_a: C_1 if already computed for x_a with the same (n_clusters, seed).
     """
-    from sklearn.metrics import adjusted_mutual_info_score
-
     seed_b = seed if seed_b is None else seed_b
     if labels_a is None:
         labels_a = kmeans_labels(x_a, n_clusters, seed, n_init)
@@ -171,8 +160,6 @@ def knn_entropy(x, k=3, min_dist=1e-10):
     consistent but strongly biased when D is large relative to log N (D = 512, N = 5000): compare it only
     within one run, as the paper does with its trends.
     """
-    from scipy.special import digamma
-
     n, d = x.shape
     r = knn_distances(x, k)[:, -1].clamp_min(min_dist)
     log_vd = 0.5 * d * math.log(math.pi) - math.lgamma(0.5 * d + 1)
@@ -191,8 +178,6 @@ def intrinsic_dimension(x):
     Gaussian embedded in 64-d and 1.95 for a plane (N = 2000, tests/test_monitor_metrics.py).
     Duplicates (r1 = 0, so mu = inf) are removed first: exact duplicate rows are collapsed to one (np.unique),
     and N counts the distinct rows. NaN with fewer than 3 distinct rows. A collapsed embedding gives a low value.
-    Why it is monitored: issue 20 cites 2026 comparisons of label-free monitors over hundreds of SSL models that
-    rank intrinsic-dimension estimates as the most reliable predictor of downstream accuracy (not checked here).
     """
     x = np.unique(_np32(x), axis=0)  # (N', D) distinct rows: every r1 > 0
     if len(x) < 3:
@@ -250,10 +235,9 @@ def alpha_req(x, fit_range=(0.0, 0.5)):
     hi = int(math.floor(fit_range[1] * r))
     if hi - lo + 1 < 3:
         return {"alpha": float("nan"), "r2": float("nan"), "fit_lo": lo, "fit_hi": hi}
-    from scipy import stats
-
-    fit = stats.linregress(np.log(np.arange(lo, hi + 1)), lam[lo - 1:hi].log().numpy())  # least squares, log-log
-    return {"alpha": float(-fit.slope), "r2": float(fit.rvalue ** 2), "fit_lo": lo, "fit_hi": hi}
+    lx, ly = np.log(np.arange(lo, hi + 1)), lam[lo - 1:hi].log().numpy()
+    slope = np.polyfit(lx, ly, 1)[0]  # least squares line, log-log; R^2 = squared Pearson r of the fitted points
+    return {"alpha": float(-slope), "r2": float(np.corrcoef(lx, ly)[0, 1] ** 2), "fit_lo": lo, "fit_hi": hi}
 
 
 def lidar(views, delta=1e-4, eps=1e-8):
@@ -284,9 +268,7 @@ def lidar(views, delta=1e-4, eps=1e-8):
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Correlation with the probe accuracy across checkpoints
-# ---------------------------------------------------------------------------------------------------------------
+# ===================================== CORRELATION with the probe accuracy across checkpoints ==================
 
 def correlation_report(metric, probe, skip_early=0):
     """Pearson, Spearman and Kendall (tau-b) correlation of a metric series with the probe accuracy series
@@ -297,24 +279,15 @@ def correlation_report(metric, probe, skip_early=0):
     finds entropy unstable early in training. Returns {"n", "pearson", "spearman", "kendall"}, NaN where
     undefined (fewer than 3 points, or a constant series).
     """
-    from scipy import stats
-
-    m = np.asarray(metric, dtype=np.float64)[skip_early:]
-    p = np.asarray(probe, dtype=np.float64)[skip_early:]
+    m, p = (np.asarray(v, dtype=np.float64)[skip_early:] for v in (metric, probe))
     ok = np.isfinite(m) & np.isfinite(p)
     m, p = m[ok], p[ok]
-    out = {"n": int(ok.sum()), "pearson": float("nan"), "spearman": float("nan"), "kendall": float("nan")}
-    if len(m) < 3 or np.ptp(m) == 0 or np.ptp(p) == 0:
-        return out
-    out["pearson"] = float(stats.pearsonr(m, p)[0])
-    out["spearman"] = float(stats.spearmanr(m, p)[0])
-    out["kendall"] = float(stats.kendalltau(m, p)[0])
-    return out
+    defined = len(m) >= 3 and np.ptp(m) > 0 and np.ptp(p) > 0
+    return {"n": int(ok.sum()), **{name: float(fn(m, p)[0]) if defined else float("nan") for name, fn in
+                                   (("pearson", stats.pearsonr), ("spearman", stats.spearmanr),
+                                    ("kendall", stats.kendalltau))}}
 
-
-# ===============================================================================================================
-# CONFIG
-# ===============================================================================================================
+# ===================================== CONFIG (every default: docs/monitor.md) =================================
 
 def _f(default, help, **check):
     """A dataclass field with its --help text and the checks common.parse_args applies (choices=, range=)."""
@@ -324,64 +297,42 @@ def _f(default, help, **check):
 @dataclass
 class Args:
     # what to monitor
-    run_dir: str = _f("", "run directory (its *.pt files) or one checkpoint; may also be given as the first "
-                          "positional argument")
-    out_dir: str = _f("", "where monitor.csv and the PNGs go ('' = the run dir)")
+    run_dir: str = _f("", "run directory (its *.pt files) or one checkpoint; may come first, without the flag")
+    out_dir: str = _f("", "where every output goes ('' = the run dir, which must then be writable)")
     data_dir: str = _f("", "dataset folder ('' = the checkpoint's own)")
-    features: str = _f("backbone", "which embedding the metrics see; projector = the method's embedding "
-                                   "(projector output, L2-normalised when the method normalises it). our choice: "
-                                   "backbone, the representation the probe measures",
-                       choices=("backbone", "projector", "all"))
-    max_samples: int = _f(5000, "unlabelled train images per checkpoint (a fixed class-stratified subset; 0 = "
-                                "all). Sets the cost: O(N^2 D) for the silhouette, k-NN entropy and TwoNN",
-                          range="[0, inf)")
+    features: str = _f("backbone", "embedding the metrics see", choices=("backbone", "projector", "all"))
+    max_samples: int = _f(5000, "unlabelled train images per checkpoint (0 = all)", range="[0, inf)")
     seed: int = _f(0, "seed of k-means, the silhouette subset and the augmentations", range="[0, inf)")
-    # label-free metrics (every default here is our choice: the paper does not give them)
-    n_clusters: int = _f(0, "k-means K (0 = the dataset's number of classes)", range="[0, inf)")
+    # label-free metrics
+    n_clusters: int = _f(0, "k-means K, >= 2 (0 = the dataset's number of classes)", range="[0, inf)")
     kmeans_n_init: int = _f(3, "k-means restarts (k-means++ init each)", range="[1, inf)")
-    pairing: str = _f("views", "clustering agreement AMI(C1; C2): 'views' = clean images vs one augmented view "
-                               "of each, same k-means seed; 'seeds' = the clean embeddings clustered with seeds "
-                               "seed and seed+1", choices=("views", "seeds"))
-    view_scale: tuple[float, float] = _f((0.2, 1.0), "crop scale of the augmented views (views pairing and "
-                                                     "LiDAR); the rest is common.Augment's SimCLR-style default "
-                                                     "(flip, jitter 0.4/0.4/0.4/0.1 p=0.8, grey 0.2)",
-                                         range="(0, 1]")
+    pairing: str = _f("views", "agreement: clean vs augmented, or 2 k-means seeds", choices=("views", "seeds"))
+    view_scale: tuple[float, float] = _f((0.2, 1.0), "crop scale of the augmented views", range="(0, 1]")
     silhouette_samples: int = _f(5000, "rows the silhouette is computed on (0 = all)", range="[0, inf)")
-    entropy: tuple[str, ...] = _f(("gaussian", "knn"), "entropy estimators: gaussian (log-det) and/or knn "
-                                                       "(Kozachenko-Leonenko)", choices=("gaussian", "knn"))
+    entropy: tuple[str, ...] = _f(("gaussian", "knn"), "entropy estimators", choices=("gaussian", "knn"))
     entropy_eps: float = _f(1e-6, "Gaussian entropy: eps I added to the covariance", range="[0, inf)")
-    knn_k: int = _f(3, "Kozachenko-Leonenko: the k-th neighbour distance", range="[1, inf)")
+    knn_k: int = _f(3, "Kozachenko-Leonenko entropy: the k-th neighbour distance", range="[1, inf)")
     rankme_eps: float = _f(1e-7, "RankMe: eps added to the normalised singular values", range="[0, inf)")
     rankme_center: bool = _f(False, "RankMe on centred embeddings (paper: no)")
-    alpha_fit_range: tuple[float, float] = _f((0.0, 0.5), "alpha-ReQ: fitted eigenvalue ranks as fractions of "
-                                                          "the numerical rank", range="[0, 1]")
-    lidar_images: int = _f(1000, "LiDAR: n images (surrogate classes); 0 = skip", range="[0, inf)")
+    alpha_fit_range: tuple[float, float] = _f((0.0, 0.5), "alpha-ReQ: fit ranks / numerical rank", range="[0, 1]")
+    lidar_images: int = _f(1000, "LiDAR: n images (surrogate classes), >= 2; 0 = skip", range="[0, inf)")
     lidar_views: int = _f(4, "LiDAR: q augmented views per image", range="[2, inf)")
     lidar_delta: float = _f(1e-4, "LiDAR: delta I added to Sigma_w", range="[0, inf)")
     # label-based references
-    probe: str = _f("auto", "probe accuracy: auto (probe.csv in the run dir when it covers every checkpoint, "
-                            "else knn) | csv (probe.py's probe.csv) | knn (common.knn_accuracy: weighted 20-NN, "
-                            "cosine, T = 0.07, as probe.py's) | none", choices=("auto", "csv", "knn", "none"))
+    probe: str = _f("auto", "probe accuracy source (auto: probe.csv if complete, else knn)",
+                    choices=("auto", "csv", "knn", "none"))
     probe_csv: tuple[str, ...] = _f(("linear:top1", "knn:top1_cosine_k20", "knn:top1"),
                                     "probe.csv rows to use as probe:metric, in order of preference")
     test_samples: int = _f(5000, "labelled test images for the k-NN probe (0 = all)", range="[0, inf)")
-    skip_early: int = _f(1, "correlations are also reported without the first N checkpoints (the paper: "
-                            "entropy is unstable early in training)", range="[0, inf)")
+    skip_early: int = _f(1, "correlations also without the first N checkpoints", range="[0, inf)")
     # system
     batch_size: int = _f(256, "feature-extraction batch size", range="[1, inf)")
-    threads: int = _f(1, "CPU threads for torch and scikit-learn (0 = their defaults). our choice: 1; on the "
-                         "shared 2-core machine 2 threads made the metric set 6x slower (OpenMP spin-waiting)",
-                      range="[0, inf)")
+    threads: int = _f(1, "CPU threads for torch and scikit-learn (0 = their defaults)", range="[0, inf)")
     workers: int = _f(0, "data-loader workers", range="[0, inf)")
-    precision: str = _f("fp32", "feature extraction: fp32 (exact; the default on every device) | bf16 (faster "
-                                "on GPUs, but rounding the embedding changes the very spectra and entropies these "
-                                "metrics measure; recorded in monitor.csv)", choices=("fp32", "bf16"))
-    cache_gb: float = _f(2.0, "keep each transformed image set (clean, views) in memory up to this size; 0 = "
-                              "redo per checkpoint", range="[0, inf)")
+    precision: str = _f("fp32", "feature-extraction precision", choices=("fp32", "bf16"))
+    cache_gb: float = _f(2.0, "cache each transformed image set up to this size (0 = off)", range="[0, inf)")
     skip_damaged: bool = _f(False, "skip unreadable checkpoints with a warning instead of stopping")
-    benchmark: int = _f(0, "time the full metric set on N x 512 synthetic embeddings and exit (no run dir "
-                           "needed; 0 = off)", range="[0, inf)")
-
+    benchmark: int = _f(0, "time the metric set on N x 512 embeddings (0 = off)", range="[0, inf)")
 
 PRESETS = {
     # a CPU smoke test: small LiDAR, one k-means restart
@@ -392,21 +343,23 @@ PRESETS = {
 # the metrics correlated with the probe accuracy and plotted (ami_gt is the paper's label-based reference)
 MONITORED = ("silhouette", "agreement", "entropy_gaussian", "entropy_knn", "rankme", "alpha_req", "lidar",
              "intrinsic_dimension", "ami_gt")
+# monitor.csv's `unit` column ("" = dimensionless: scores in [-1, 1], effective ranks, exponents, dimensions)
+UNITS = {"entropy_gaussian": "nats", "entropy_knn": "nats", "probe_acc": "%"}
+COLUMNS = ["checkpoint", "epoch", "method", "features", "precision", "metric", "value", "unit", "note"]
 
 # flags of earlier versions, refused with the command that replaces them (nothing is silently ignored)
 _ANALYZE = "the paper analyses are subcommands of their method files now: python resa.py analyze RUN_DIR, " \
            "python excb.py analyze RUN_DIR"
-MOVED = {"--analysis": _ANALYZE, "--resa-split": "use python resa.py analyze RUN_DIR --split",
-         "--resa-metric": "use python resa.py analyze RUN_DIR --metric",
-         "--excb-samples": "use python excb.py analyze RUN_DIR --samples",
-         "--excb-bn": "use python excb.py analyze RUN_DIR --bn",
-         "--tsne-classes": "use python excb.py analyze RUN_DIR --tsne-classes",
-         "--tsne-per-class": "use python excb.py analyze RUN_DIR --tsne-per-class",
-         "--ridge-lambda": "the ridge probe was removed: use --probe knn (common.knn_accuracy) or --probe csv"}
+MOVED = {"--analysis": _ANALYZE, "--ridge-lambda": "the ridge probe was removed: use --probe knn or --probe csv",
+         **{f"--{old}": f"use python {f}.py analyze RUN_DIR --{new}" for f, old, new in [
+             ("resa", "resa-split", "split"), ("resa", "resa-metric", "metric"),
+             ("excb", "excb-samples", "samples"), ("excb", "excb-bn", "bn"),
+             ("excb", "tsne-classes", "tsne-classes"), ("excb", "tsne-per-class", "tsne-per-class")]}}
 
 
 def parse(argv=None):
-    """common.parse_args plus RUN_DIR as an optional first positional argument; removed flags are refused."""
+    """common.parse_args plus RUN_DIR as an optional first positional argument; removed flags are refused, and
+    sample counts no metric can work with are usage errors (exit 2) before any work."""
     argv = common.path_first(argv, "--run-dir")
     for i, a in enumerate(argv):
         flag, _, value = a.partition("=")
@@ -418,51 +371,68 @@ def parse(argv=None):
     args = common.parse_args(Args, PRESETS, argv, usage="python monitor.py RUN_DIR [--flag VALUE ...]")
     if not (args.run_dir or args.benchmark):
         raise common.UsageError("give a run directory: python monitor.py RUN_DIR")
+    check_sizes(args, args.n_clusters or (10 if args.benchmark else 2))
     return args
 
 
-# ===============================================================================================================
-# METRIC SET: every label-free metric of one embedding, as the CLI computes it per checkpoint
-# ===============================================================================================================
+def check_sizes(args, n_clusters):
+    """Usage errors (exit 2) for counts a metric cannot work with: K = 1, one LiDAR image, fewer rows than
+    k-means with K clusters and its silhouette (K + 1), the k-NN entropy (k + 1), the k-NN probe (20) or TwoNN."""
+    if args.n_clusters == 1 or args.lidar_images == 1:
+        flag = "--n-clusters" if args.n_clusters == 1 else "--lidar-images"
+        raise common.UsageError(f"argument {flag}: 1 is too few (a clustering and LiDAR need >= 2; 0 = "
+                                f"{'the dataset classes' if flag == '--n-clusters' else 'skip LiDAR'})")
+    need = max((n_clusters + 1, f"k-means with K={n_clusters} and its silhouette"), (3, "TwoNN"),
+               (args.knn_k + 1 if "knn" in args.entropy else 0, f"the k-NN entropy with --knn-k {args.knn_k}"),
+               (20 * (args.probe in ("auto", "knn") and not args.benchmark), "the k-NN probe (20 neighbours)"))
+    for flag in ("--max-samples", "--silhouette-samples", "--benchmark"):
+        n = getattr(args, flag[2:].replace("-", "_"))
+        if 0 < n < (n_clusters + 1 if flag == "--silhouette-samples" else need[0]):
+            raise common.UsageError(f"argument {flag}: {n} rows are too few for {need[1]}; give >= {need[0]} "
+                                    f"(or 0 = all)")
+
+
+# ===================================== METRIC SET: every label-free metric of one embedding ====================
 
 def label_free_metrics(x, n_clusters, args, x_aug=None, views=None, timings=None):
     """All label-free metrics of x (N, D). x_aug (N, D): one augmented view of the same images (pairing
     "views"); views (n, q, D): LiDAR's views. Returns ({metric: (value, note)}, C_1 labels)."""
     timings = {} if timings is None else timings
-    out = {}
+    out, progress = {}, common.Progress("metric set", 9, "metrics")
 
-    def timed(name, fn):  # (wall, CPU) seconds: on a shared machine the CPU time is the stable number
-        t, c = time.perf_counter(), time.process_time()
+    def timed(timer, fn, name=None, note=""):  # value of fn(), as out[name] too; its (wall, CPU) seconds added
+        t, c = time.perf_counter(), time.process_time()  # to timings[timer] (on a shared machine: CPU time)
         value = fn()
-        w0, c0 = timings.get(name, (0.0, 0.0))
-        timings[name] = (w0 + time.perf_counter() - t, c0 + time.process_time() - c)
+        w0, c0 = timings.get(timer, (0.0, 0.0))
+        timings[timer] = (w0 + time.perf_counter() - t, c0 + time.process_time() - c)
+        progress.update(1)
+        if name:
+            out[name] = (value, note)
         return value
 
     c1 = timed("kmeans+silhouette", lambda: kmeans_labels(x, n_clusters, args.seed, args.kmeans_n_init))
-    s1 = timed("kmeans+silhouette", lambda: silhouette(x, c1, args.silhouette_samples or None, args.seed))
-    out["silhouette"] = (s1, f"K={n_clusters}, euclidean")
+    timed("kmeans+silhouette", lambda: silhouette(x, c1, args.silhouette_samples or None, args.seed),
+          "silhouette", f"K={n_clusters}, euclidean")
     # Sec. "clustering agreement": AMI(C_1; C_2), C_2 from the augmented view or from a second k-means seed
     views_pairing = args.pairing == "views" and x_aug is not None
     x_b, seed_b = (x_aug, args.seed) if views_pairing else (x, args.seed + 1)
-    ami = timed("agreement", lambda: clustering_agreement(x, x_b, n_clusters, args.seed, seed_b,
-                                                          args.kmeans_n_init, labels_a=c1))
-    out["agreement"] = (ami, f"AMI, pairing={'views' if views_pairing else 'seeds'}, K={n_clusters}")
+    timed("agreement", lambda: clustering_agreement(x, x_b, n_clusters, args.seed, seed_b, args.kmeans_n_init,
+                                                    labels_a=c1), "agreement",
+          f"AMI, pairing={'views' if views_pairing else 'seeds'}, K={n_clusters}")
     if "gaussian" in args.entropy:
-        out["entropy_gaussian"] = (timed("entropy_gaussian", lambda: embedding_entropy(
-            x, "gaussian", eps=args.entropy_eps)), f"nats, eps={args.entropy_eps:g}")
+        timed("entropy_gaussian", lambda: embedding_entropy(x, "gaussian", eps=args.entropy_eps),
+              "entropy_gaussian", f"eps={args.entropy_eps:g}")
     if "knn" in args.entropy:
-        out["entropy_knn"] = (timed("entropy_knn", lambda: embedding_entropy(x, "knn", k=args.knn_k)),
-                              f"nats, k={args.knn_k}")
-    out["rankme"] = (timed("rankme", lambda: rankme(x, args.rankme_eps, args.rankme_center)),
-                     f"eps={args.rankme_eps:g}, center={args.rankme_center}")
+        timed("entropy_knn", lambda: embedding_entropy(x, "knn", k=args.knn_k), "entropy_knn", f"k={args.knn_k}")
+    timed("rankme", lambda: rankme(x, args.rankme_eps, args.rankme_center), "rankme",
+          f"eps={args.rankme_eps:g}, center={args.rankme_center}")
     a = timed("alpha_req", lambda: alpha_req(x, args.alpha_fit_range))
     note = f"fit ranks {a['fit_lo']}-{a['fit_hi']}"
     out["alpha_req"], out["alpha_req_r2"] = (a["alpha"], note), (a["r2"], note)
     if views is not None:
-        out["lidar"] = (timed("lidar", lambda: lidar(views, args.lidar_delta)),
-                        f"n={views.shape[0]}, q={views.shape[1]}, delta={args.lidar_delta:g}")
-    out["intrinsic_dimension"] = (timed("intrinsic_dimension", lambda: intrinsic_dimension(x)),
-                                  "TwoNN MLE, duplicates removed")
+        timed("lidar", lambda: lidar(views, args.lidar_delta), "lidar",
+              f"n={views.shape[0]}, q={views.shape[1]}, delta={args.lidar_delta:g}")
+    timed("intrinsic_dimension", lambda: intrinsic_dimension(x), "intrinsic_dimension", "TwoNN MLE, distinct rows")
     return out, c1
 
 
@@ -484,9 +454,7 @@ def read_probe_csv(path, preference, dataset=None):
     return {}, None
 
 
-# ===============================================================================================================
-# FEATURES: checkpoints -> embeddings of clean and augmented images
-# ===============================================================================================================
+# ===================================== FEATURES: checkpoints -> embeddings of clean and augmented images =======
 
 class _Views(torch.utils.data.Dataset):
     """q augmented views of the first n images of `base` (index j -> image j // q, view j % q)."""
@@ -515,35 +483,28 @@ class Data:
     cap the images are re-transformed per checkpoint from the same seed (identical for a given --workers)."""
 
     def __init__(self, meta, args):
-        self.meta, self.args = meta, args
-        self.data_dir = args.data_dir or None
-        self._loaders = {}
+        self.meta, self.args, self._loaders = meta, args, {}
 
     def _dl(self, ds):
         return torch.utils.data.DataLoader(ds, batch_size=self.args.batch_size, num_workers=self.args.workers)
 
     def loader(self, split, subset, kind="clean", n_views=1, n_images=None, seed=0):
         key = (split, subset, kind, n_views, n_images, seed)
-        if key not in self._loaders:
-            loader = common.eval_loader(self.meta, split, self.data_dir, self.args.batch_size, self.args.workers,
-                                        subset=subset)
-            d = self.meta["data"]
-            size = int(d["image_size"])
-            if kind == "aug":
-                aug = common.Augment(size, scale=self.args.view_scale, mean=d["mean"], std=d["std"])
-                loader = self._dl(_Views(loader.dataset, aug, n_views, n_images))
-            if len(loader.dataset) * 3 * size * size * 4 <= self.args.cache_gb * 2**30:
-                threads = torch.get_num_threads()
-                torch.set_num_threads(1)
-                try:
-                    with torch.random.fork_rng(devices=[]):
-                        torch.manual_seed(seed)
-                        x, y = zip(*loader)
-                finally:
-                    torch.set_num_threads(threads)
-                loader = self._dl(torch.utils.data.TensorDataset(torch.cat(x), torch.cat(y)))
-            self._loaders[key] = loader
-        return self._loaders[key]
+        if key in self._loaders:
+            return self._loaders[key]
+        a, d = self.args, self.meta["data"]
+        loader = common.eval_loader(self.meta, split, a.data_dir or None, a.batch_size, a.workers, subset=subset)
+        size = int(d["image_size"])
+        if kind == "aug":
+            aug = common.Augment(size, scale=a.view_scale, mean=d["mean"], std=d["std"])
+            loader = self._dl(_Views(loader.dataset, aug, n_views, n_images))
+        if len(loader.dataset) * 3 * size * size * 4 <= a.cache_gb * 2**30:
+            with common.cpu_threads(1), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                x, y = zip(*loader)
+            loader = self._dl(torch.utils.data.TensorDataset(torch.cat(x), torch.cat(y)))
+        self._loaders[key] = loader
+        return loader
 
 
 def embed(backbone, heads, loader, device, feature_sets, seed=0, precision="fp32"):
@@ -554,7 +515,7 @@ def embed(backbone, heads, loader, device, feature_sets, seed=0, precision="fp32
     costs milliseconds per call."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        h, y = common.extract_features(backbone, loader, device, precision)
+        h, y = common.extract_features(backbone, loader, device, precision, what="embeddings")
     out = {"backbone": h}
     if "projector" in feature_sets:  # the head on the backbone features, in eval mode, on the head's device
         with torch.inference_mode():
@@ -572,90 +533,108 @@ def load_checkpoint(path, device):
 
 
 def validate_checkpoints(paths, skip_damaged):
-    """Read every checkpoint once before the (slow) metrics, so a damaged file stops the run at once."""
+    """Read every checkpoint once before any work, so a damaged or empty file stops the run at once (one line,
+    exit 1, naming the file and --skip-damaged) or, with skip_damaged, is skipped with a warning."""
     good, metas = [], []
     for p in paths:
         try:
-            ckpt = common.load_checkpoint(p)
-            metas.append(common.checkpoint_meta(ckpt, p))
+            metas.append(common.checkpoint_meta(common.load_checkpoint(p), p))
             good.append(p)
-            del ckpt
-        except common.CheckpointError as e:
+        except Exception as e:  # CheckpointError, or whatever a zero-byte file makes torch.load raise
+            why = str(e).strip().splitlines()[:1] or [f"{p}: {type(e).__name__}"]
+            why = f"{p} is empty (0 bytes)" if p.stat().st_size == 0 else why[0]
             if not skip_damaged:
-                raise common.CheckpointError(f"{e} (or pass --skip-damaged to monitor the other checkpoints)") \
-                    from None
-            print(f"warning: skipping {p}: {e}", file=sys.stderr)
+                sys.exit(f"error: {why}; pass --skip-damaged to monitor the other checkpoints")
+            print(f"warning: skipping {p}: {why}", file=sys.stderr)
     if not good:
-        raise common.CheckpointError(f"no readable checkpoint among {len(paths)} file(s) in {paths[0].parent}")
+        sys.exit(f"error: no readable checkpoint among {len(paths)} file(s) in {paths[0].parent}")
     return good, metas
 
 
-# ===============================================================================================================
-# PLOTS
-# ===============================================================================================================
+# ===================================== OUTPUTS: every file through a temporary name, figures ===================
 
-def _grid(n, ncols=4, size=3.2, right=0.98):
-    """A figure of n panels with fixed margins (matplotlib's layout engines cost seconds per figure)."""
+def output_dir(args, run_dir):
+    """--out-dir, or the run directory: created and tried before any work (one line and exit 1 if unwritable:
+    a read-only or shared run directory needs --out-dir)."""
+    out = Path(args.out_dir) if args.out_dir else run_dir
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()  # O_TMPFILE on Linux: nothing visible is created
+    except OSError as e:
+        sys.exit(f"error: cannot write to {out} ({e.strerror or type(e).__name__}); "
+                 f"{'choose another --out-dir' if args.out_dir else 'pass --out-dir DIR to write elsewhere'}")
+    return out
+
+
+def save(path, write):
+    """Write one output atomically: write(tmp) (or common.write_csv for write = (rows, columns)), then
+    os.replace. A full or read-only disk leaves the previous file intact and ends in one line, exit 1."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # common.write_csv's temporary name too
+    try:
+        if isinstance(write, tuple):
+            common.write_csv(path, *write)
+        else:
+            write(tmp)
+            os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        sys.exit(f"error: cannot write {path} ({e.strerror or type(e).__name__}); the previous file is "
+                 f"unchanged: free space there or pass another --out-dir")
+    return path.name
+
+
+def plot(series, x, title, path, epochs=None, corr=None):
+    """One panel per metric: against epoch (epochs None), or against the probe accuracy x with one point per
+    checkpoint coloured by epoch and the correlations over all checkpoints in the panel's title."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    ncols = min(ncols, max(n, 1))
-    nrows = max(1, math.ceil(n / ncols))
-    height = size * 0.9 * nrows + 0.6
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, height), squeeze=False)
-    fig.subplots_adjust(left=max(0.07, 0.75 / (size * ncols)), right=right, bottom=0.55 / height,
-                        top=1 - 0.65 / height, wspace=0.35,
-                        hspace=0.75 / (size * 0.9) * 2)
-    for ax in axes.flat[n:]:
+    ncols = min(4, max(len(series), 1))
+    nrows = max(1, math.ceil(len(series) / ncols))
+    width, height = 3.3 * ncols, 3.0 * nrows + 0.7
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False)
+    fig.subplots_adjust(left=0.8 / width, right=1 - (0.9 if epochs else 0.2) / width, bottom=0.5 / height,
+                        top=1 - 0.8 / height, wspace=0.45, hspace=0.8)  # fixed margins: layout engines are slow
+    for ax in axes.flat[len(series):]:
         ax.axis("off")
-    return plt, fig, list(axes.flat)
-
-
-def plot_vs_epoch(series, epochs, title, path):
-    """series {name: [value per checkpoint]} -> one panel per metric against epoch."""
-    plt, fig, axes = _grid(len(series))
-    for ax, (name, vals) in zip(axes, series.items()):
-        ax.plot(epochs, vals, "o-", ms=3)
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("epoch", fontsize=8)
+    for ax, (name, vals) in zip(axes.flat, series.items()):
+        ax.set_ylabel(UNITS.get(name) or "dimensionless", fontsize=8)
         ax.tick_params(labelsize=7)
+        label = name
+        if epochs is None:
+            ax.plot(x, vals, "o-", ms=3)
+            ax.set_xlabel("epoch", fontsize=8)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        else:
+            sc = ax.scatter(x, vals, c=epochs, cmap="viridis", s=18)
+            ax.set_xlabel("probe accuracy (%)", fontsize=8)
+            c = corr[name]
+            stats = [c["pearson"], c["spearman"], c["kendall"]]
+            label += ("\nneeds >= 3 checkpoints" if c["n"] < 3 else "\nconstant: no correlation"
+                      if not np.isfinite(stats).all() else "\nr={:.2f} rho={:.2f} tau={:.2f}".format(*stats))
+        if not np.isfinite(vals).any():
+            ax.text(0.5, 0.5, "no finite value", ha="center", va="center", transform=ax.transAxes, fontsize=8)
+        ax.set_title(label, fontsize=8)
+    if epochs is not None:
+        fig.colorbar(sc, cax=fig.add_axes([1 - 0.7 / width, 0.3, 0.012, 0.4]), label="epoch",
+                     ticks=MaxNLocator(integer=True))
     fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=110)
+    name = save(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
+    return name
 
 
-def plot_vs_probe(series, probe, epochs, corr, title, path):
-    """Each metric against the probe accuracy, one point per checkpoint coloured by epoch; the title gives the
-    correlations over all checkpoints (Pearson r, Spearman rho, Kendall tau)."""
-    plt, fig, axes = _grid(len(series), right=0.9)
-    for ax, (name, vals) in zip(axes, series.items()):
-        sc = ax.scatter(probe, vals, c=epochs, cmap="viridis", s=18)
-        c = corr[name]
-        ax.set_title(f"{name}\nr={c['pearson']:.2f} rho={c['spearman']:.2f} tau={c['kendall']:.2f}", fontsize=8)
-        ax.set_xlabel("probe accuracy (%)", fontsize=8)
-        ax.tick_params(labelsize=7)
-    fig.colorbar(sc, cax=fig.add_axes([0.92, 0.3, 0.012, 0.4]), label="epoch")
-    fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# ===============================================================================================================
-# MAIN: every checkpoint -> monitor.csv, correlations, plots
-# ===============================================================================================================
-
-def report(rows, paths, epochs, feature_sets, probe_note, skip_early, title, out):
+def report(rows, names, epochs, feature_sets, probe_note, skip_early, title, out):
     """Correlation of every monitored metric with the probe accuracy (all checkpoints, and without the first
     `skip_early`), monitor_correlations.csv and the two figures per feature set. -> (rows, files written)."""
-    names = [p.name for p in paths]
     table = {(r["checkpoint"], r["features"], r["metric"]): r["value"] for r in rows}
 
     def series_of(metric, features):  # one value per checkpoint, NaN where it was not computed
         return [table.get((c, features, metric), float("nan")) for c in names]
 
-    probe = series_of("probe_acc", "backbone")
-    corr_rows, written = [], []
+    probe, corr_rows, written = series_of("probe_acc", "backbone"), [], []
     for fs in feature_sets:
         series = {m: series_of(m, fs) for m in MONITORED if any(k[1:] == (fs, m) for k in table)}
         corr = {}
@@ -665,41 +644,34 @@ def report(rows, paths, epochs, feature_sets, probe_note, skip_early, title, out
                 corr_rows.append({"features": fs, "metric": m, "kind": "label-based" if m == "ami_gt" else
                                   "label-free", "skip_early": skip, **c})
                 corr.setdefault(m, c)
-        fig_title = f"{title}: {fs} features, {len(names)} checkpoints"
-        has_probe = bool(np.isfinite(probe).any())
-        plot_vs_epoch({**series, **({"probe_acc (%)": probe} if has_probe else {})}, epochs, fig_title,
-                      out / f"monitor_epoch_{fs}.png")
-        written.append(f"monitor_epoch_{fs}.png")
+        fig_title = f"{title}: {fs} features, {len(names)} checkpoint(s)"
+        with_probe = {**series, "probe_acc": probe} if np.isfinite(probe).any() else series
+        written.append(plot(with_probe, epochs, fig_title, out / f"monitor_epoch_{fs}.png"))
         if np.isfinite(probe).sum() >= 2:
-            plot_vs_probe(series, probe, epochs, corr, f"{fig_title}; probe: {probe_note}",
-                          out / f"monitor_probe_{fs}.png")
-            written.append(f"monitor_probe_{fs}.png")
-    common.write_csv(out / "monitor_correlations.csv", corr_rows,
-                     ["features", "metric", "kind", "skip_early", "n", "pearson", "spearman", "kendall"])
-    return corr_rows, written + ["monitor_correlations.csv"]
+            written.append(plot(series, probe, f"{fig_title}; probe: {probe_note}",
+                                out / f"monitor_probe_{fs}.png", epochs, corr))
+    written.append(save(out / "monitor_correlations.csv", (corr_rows, ["features", "metric", "kind", "skip_early",
+                                                                       "n", "pearson", "spearman", "kendall"])))
+    return corr_rows, written
 
+
+# ===================================== MAIN: every checkpoint -> monitor.csv, correlations, plots ==============
 
 def benchmark(args):
     """--benchmark N: the full metric set on N x 512 synthetic clustered embeddings, subsampled to --max-samples
     rows as the CLI does, with LiDAR on (lidar_images, lidar_views) views. Prints seconds per metric."""
     g = torch.Generator().manual_seed(args.seed)
     n, d, k = args.benchmark, 512, args.n_clusters or 10
-    centres = 3.0 * torch.randn(k, d, generator=g)
-    x = centres[torch.arange(n) % k] + torch.randn(n, d, generator=g)
-    rows = torch.randperm(n, generator=g)[:args.max_samples or n]
-    xs = x[rows]
+    x = (3.0 * torch.randn(k, d, generator=g))[torch.arange(n) % k] + torch.randn(n, d, generator=g)
+    xs = x[torch.randperm(n, generator=g)[:args.max_samples or n]]
     x_aug = xs + 0.5 * torch.randn(xs.shape, generator=g)
-    views = None
-    if args.lidar_images:
-        ni = min(args.lidar_images, len(xs))
-        views = xs[:ni, None] + 0.5 * torch.randn(ni, args.lidar_views, d, generator=g)
-    timings = {}
-    t, c = time.perf_counter(), time.process_time()
+    ni = min(args.lidar_images, len(xs))
+    views = xs[:ni, None] + 0.5 * torch.randn(ni, args.lidar_views, d, generator=g) if ni else None
+    timings, t, c = {}, time.perf_counter(), time.process_time()
     label_free_metrics(xs, k, args, x_aug, views, timings)
     timings["total"] = (time.perf_counter() - t, time.process_time() - c)
     print(f"benchmark: {n} x {d} embeddings, {len(xs)} rows used (--max-samples {args.max_samples}), K={k}, "
-          f"pairing={args.pairing}, LiDAR {0 if views is None else views.shape[0]} x {args.lidar_views} views, "
-          f"torch threads {torch.get_num_threads()}")
+          f"pairing={args.pairing}, LiDAR {ni} x {args.lidar_views} views, {torch.get_num_threads()} thread(s)")
     print(f"  {'metric':<20s} {'wall s':>8s} {'CPU s':>8s}")
     for name, (wall, cpu) in timings.items():
         print(f"  {name:<20s} {wall:8.2f} {cpu:8.2f}")
@@ -709,10 +681,7 @@ def benchmark(args):
 def main(argv=None):
     args = parse(argv)
     with common.cpu_threads(args.threads):
-        if args.benchmark:
-            benchmark(args)
-        else:
-            monitor_run(args)
+        (benchmark if args.benchmark else monitor_run)(args)
 
 
 def probe_source(args, run_dir, dataset, epochs):
@@ -730,99 +699,94 @@ def probe_source(args, run_dir, dataset, epochs):
     return mode, csv_acc, note
 
 
-def monitor_run(args):
-    """Every checkpoint of args.run_dir -> monitor.csv, correlations, plots."""
-    t_start = time.perf_counter()
-    paths, metas = validate_checkpoints(common.list_checkpoints(args.run_dir), args.skip_damaged)
-    run_dir = common.run_dir_of(args.run_dir)
-    out = Path(args.out_dir) if args.out_dir else run_dir
-    out.mkdir(parents=True, exist_ok=True)
-    device = common.select_device()
-    meta0 = metas[0]
-    data = Data(meta0, args)
+def monitor_checkpoint(path, args, data, device, feature_sets, probe):
+    """One checkpoint -> its monitor.csv rows (every label-free metric per feature set, ami_gt, probe_acc) and
+    the number of images used. probe = (mode, {epoch: accuracy from probe.csv}, note)."""
+    backbone, heads, meta = load_checkpoint(path, device)
+    epoch, rows, (probe_mode, csv_acc, probe_note) = int(meta["epoch"]), [], probe
 
-    # which embeddings: projector only when every checkpoint stores one
-    has_proj = all("projector" in m["heads"] for m in metas)
+    def add(features, metric, value, note=""):
+        rows.append({"checkpoint": path.name, "epoch": epoch, "method": meta["method"], "features": features,
+                     "precision": args.precision, "metric": metric, "value": value, "unit": UNITS.get(metric, ""),
+                     "note": note})
+
+    def features(split, n, kind="clean", *views, seed=0, sets=feature_sets):
+        return embed(backbone, heads, data.loader(split, n, kind, *views, seed=seed), device, sets, seed,
+                     args.precision)
+
+    train, y = features("train", args.max_samples)
+    labelled = bool((y >= 0).all()) and len(torch.unique(y)) >= 2
+    n_clusters = args.n_clusters or int(meta["data"].get("num_classes") or 0) or \
+        (len(torch.unique(y)) if labelled else 10)
+    check_sizes(args, n_clusters)  # K known only now for a folder dataset; else already checked
+    aug = features("train", args.max_samples, "aug", seed=args.seed)[0] if args.pairing == "views" else None
+    views = features("train", args.max_samples, "aug", args.lidar_views, args.lidar_images,
+                     seed=args.seed + 1)[0] if args.lidar_images else None
+    n_used = {"train": len(y), "lidar_images": 0}
+    for fs in feature_sets:
+        v = None if views is None else views[fs].reshape(-1, args.lidar_views, views[fs].shape[1])
+        metrics, c1 = label_free_metrics(train[fs], n_clusters, args, None if aug is None else aug[fs], v)
+        for name, (value, note) in metrics.items():
+            add(fs, name, value, note)
+        if labelled:  # label-based reference of the paper: AMI(C_1; C_GT)
+            add(fs, "ami_gt", float(adjusted_mutual_info_score(y.numpy(), c1)), f"AMI vs labels, K={n_clusters}")
+        n_used["lidar_images"] = 0 if v is None else v.shape[0]
+
+    acc = csv_acc.get(epoch, float("nan")) if probe_mode == "csv" else float("nan")
+    if probe_mode == "csv" and epoch not in csv_acc:
+        print(f"warning: probe.csv has no {probe_note} row for epoch {epoch}", file=sys.stderr)
+    elif probe_mode == "knn" and labelled:
+        try:
+            test, test_y = features("test", args.test_samples, sets=["backbone"])
+            acc, n_used["test"] = common.knn_accuracy(train["backbone"], y, test["backbone"], test_y), len(test_y)
+        except common.DatasetNotFoundError as e:  # e.g. an ImageFolder without val/: no k-NN probe
+            print(f"warning: no labelled test split, so no k-NN probe ({e})", file=sys.stderr)
+    if probe_mode != "none":
+        add("backbone", "probe_acc", acc, probe_note)
+    return rows, n_used
+
+
+def monitor_run(args):
+    """Every checkpoint of args.run_dir -> monitor.csv, correlations, plots. Every check (flags, output
+    directory, checkpoints, sample counts) happens before the first feature is computed."""
+    t_start = time.perf_counter()
+    paths, run_dir = common.list_checkpoints(args.run_dir), common.run_dir_of(args.run_dir)
+    out = output_dir(args, run_dir)
+    paths, metas = validate_checkpoints(paths, args.skip_damaged)
+    meta0, epochs = metas[0], [int(m["epoch"]) for m in metas]
+    check_sizes(args, args.n_clusters or int(meta0["data"].get("num_classes") or 0) or 2)
+    has_proj = all("projector" in m["heads"] for m in metas)  # projector only when every checkpoint stores one
     if args.features == "projector" and not has_proj:
         raise common.UsageError(f"--features projector needs checkpoints with a 'projector' head; "
                                 f"{paths[0]} stores {meta0['heads'] or 'no heads'}")
     feature_sets = {"backbone": ["backbone"], "projector": ["projector"],
                     "all": ["backbone"] + (["projector"] if has_proj else [])}[args.features]
-    epochs = [int(m["epoch"]) for m in metas]
-    probe_mode, csv_acc, probe_note = probe_source(args, run_dir, meta0["data"]["dataset"], epochs)
-
-    rows, n_used = [], {}
-    for path, meta in zip(paths, metas):
+    probe = probe_source(args, run_dir, meta0["data"]["dataset"], epochs)
+    device, data, rows = common.select_device(), Data(meta0, args), []
+    progress = common.Progress("monitor", len(paths), "checkpoints")
+    for path in paths:
         t0 = time.perf_counter()
-        backbone, heads, meta = load_checkpoint(path, device)
-        epoch, method = int(meta["epoch"]), meta["method"]
+        new, n_used = monitor_checkpoint(path, args, data, device, feature_sets, probe)
+        rows += new
+        line = " ".join(f"{r['features'][0]}/{r['metric']}={r['value']:.4g}" for r in new
+                        if r["metric"] in MONITORED + ("probe_acc",))
+        print(f"[monitor] epoch {new[0]['epoch']} ({path.name}, {time.perf_counter() - t0:.1f} s): {line}",
+              flush=True)
+        progress.update(1)
 
-        def add(features, metric, value, note=""):
-            rows.append({"checkpoint": path.name, "epoch": epoch, "method": method, "features": features,
-                         "precision": args.precision, "metric": metric, "value": value, "note": note})
-
-        train, y = embed(backbone, heads, data.loader("train", args.max_samples), device, feature_sets,
-                         precision=args.precision)
-        labelled = bool((y >= 0).all()) and len(torch.unique(y)) >= 2
-        n_clusters = args.n_clusters or int(meta["data"].get("num_classes") or 0) or \
-            (len(torch.unique(y)) if labelled else 10)
-        aug = views = None
-        if args.pairing == "views":
-            aug, _ = embed(backbone, heads, data.loader("train", args.max_samples, "aug", seed=args.seed), device,
-                           feature_sets, args.seed, args.precision)
-        if args.lidar_images:
-            views, _ = embed(backbone, heads, data.loader("train", args.max_samples, "aug", args.lidar_views,
-                                                          args.lidar_images, args.seed + 1), device, feature_sets,
-                             args.seed + 1, args.precision)
-        for fs in feature_sets:
-            v = None if views is None else views[fs].reshape(-1, args.lidar_views, views[fs].shape[1])
-            metrics, c1 = label_free_metrics(train[fs], n_clusters, args, None if aug is None else aug[fs], v)
-            for name, (value, note) in metrics.items():
-                add(fs, name, value, note)
-            if labelled:  # label-based reference of the paper: AMI(C_1; C_GT)
-                from sklearn.metrics import adjusted_mutual_info_score
-                add(fs, "ami_gt", float(adjusted_mutual_info_score(y.numpy(), c1)),
-                    f"AMI vs labels, K={n_clusters}")
-        n_used = {"train": len(y), "lidar_images": 0 if v is None else v.shape[0]}
-
-        acc = float("nan")
-        if probe_mode == "csv":
-            acc = csv_acc.get(epoch, float("nan"))
-            if epoch not in csv_acc:
-                print(f"warning: probe.csv has no {probe_note} row for epoch {epoch}", file=sys.stderr)
-        elif probe_mode == "knn" and labelled:
-            try:
-                test_x, test_y = embed(backbone, heads, data.loader("test", args.test_samples), device,
-                                       ["backbone"], precision=args.precision)
-                acc = common.knn_accuracy(train["backbone"], y, test_x["backbone"], test_y)
-                n_used["test"] = len(test_y)
-            except common.DatasetNotFoundError as e:  # e.g. an ImageFolder without val/: no k-NN probe
-                print(f"warning: no labelled test split, so no k-NN probe ({e})", file=sys.stderr)
-        if probe_mode != "none":
-            add("backbone", "probe_acc", acc, probe_note)
-
-        line = " ".join(f"{r['features'][0]}/{r['metric']}={r['value']:.4g}" for r in rows
-                        if r["checkpoint"] == path.name and r["metric"] in MONITORED + ("probe_acc",))
-        print(f"[monitor] epoch {epoch} ({path.name}, {time.perf_counter() - t0:.1f} s): {line}", flush=True)
-        del backbone, heads
-
-    # ---- correlations with the probe accuracy across checkpoints, plots -----------------------------------------
-    common.write_csv(out / "monitor.csv", rows, ["checkpoint", "epoch", "method", "features", "precision", "metric",
-                                                 "value", "note"])
-    corr_rows, written = report(rows, paths, epochs, feature_sets, probe_note, args.skip_early,
-                                f"{metas[-1]['method']} {run_dir.name}", out)
-    written = ["monitor.csv"] + written
+    # ---- outputs: monitor.csv first (the one that matters), then correlations, figures, the configuration ------
+    written = [save(out / "monitor.csv", (rows, COLUMNS))]
+    title = f"run {run_dir.name} ({metas[-1]['method']})"
+    corr_rows, files = report(rows, [p.name for p in paths], epochs, feature_sets, probe[2], args.skip_early,
+                              title, out)
     config = {"args": asdict(args), "checkpoints": [str(p) for p in paths], "epochs": epochs,
-              "features": feature_sets, "probe": probe_note, "samples": n_used, "device": str(device),
+              "features": feature_sets, "probe": probe[2], "samples": n_used, "device": str(device),
               "seconds": round(time.perf_counter() - t_start, 1)}
-    (out / "monitor_config.json").write_text(json.dumps(config, indent=1, default=str))
-    written.append("monitor_config.json")
-
-    if len(epochs) < 3 or probe_mode == "none":
-        corr_rows = []
-        print(f"[monitor] {len(epochs)} checkpoint(s): no correlation (it needs 3 checkpoints and a probe)")
-    else:
-        print(f"[monitor] correlation with the probe accuracy ({probe_note}) across {len(epochs)} checkpoints:")
+    written += files + [save(out / "monitor_config.json",
+                             lambda tmp: tmp.write_text(json.dumps(config, indent=1, default=str)))]
+    corr_rows = corr_rows if len(epochs) >= 3 and probe[0] != "none" else []
+    print(f"[monitor] correlation with the probe accuracy ({probe[2]}) across {len(epochs)} checkpoints:"
+          if corr_rows else f"[monitor] {len(epochs)} checkpoint(s): no correlation (needs 3 and a probe)")
     for c in corr_rows:
         print(f"  {c['features']:<9s} {c['metric']:<19s} skip {c['skip_early']}: n={c['n']} r={c['pearson']:.3f} "
               f"rho={c['spearman']:.3f} tau={c['kendall']:.3f}")

@@ -474,33 +474,34 @@ def analyze(argv):
     """`python resa.py analyze RUN_DIR`: ReSA's clustering properties of every layer at every checkpoint
     (Fig. 3) -> resa.csv (checkpoint, epoch, layer, granularity, split, n, sc_mean, sc_std, ari) and
     monitor_resa.png."""
-    import argparse
     from pathlib import Path
 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    p = argparse.ArgumentParser(prog="resa.py analyze", description=analyze.__doc__)
+    p = common._Parser(prog="resa.py analyze", description=analyze.__doc__)  # usage errors: one line, exit 2
     p.add_argument("run", help="run directory (every *.pt, in epoch order) or one checkpoint")
     p.add_argument("--out-dir", default="", help="where the outputs go (default: the run directory)")
     p.add_argument("--split", choices=("test", "train"), default="test", help="split analysed")
-    p.add_argument("--samples", type=int, default=5000, help="class-stratified subset of the split (0 = all)")
     p.add_argument("--metric", choices=("cosine", "euclidean"), default="cosine", help="silhouette distance")
-    p.add_argument("--n-init", type=int, default=3, help="k-means restarts (k-means++ init each)")
-    p.add_argument("--seed", type=int, default=0, help="k-means seed")
     p.add_argument("--data-dir", default=None, help="override the data directory stored in the checkpoints")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (0 = the defaults)")
+    for flag, low, default, text in (
+            ("--samples", 0, 5000, "class-stratified subset of the split (0 = all; else more than the classes)"),
+            ("--n-init", 1, 3, "k-means restarts (k-means++ init each)"), ("--seed", 0, 0, "k-means seed"),
+            ("--batch-size", 1, 256, ""), ("--workers", 0, 0, ""), ("--threads", 0, 1, "CPU threads (0 = all)")):
+        p.add_argument(flag, type=common._ranged(int, f"[{low}, inf)"), default=default, help=text)
     a = p.parse_args(argv)
-    out = Path(a.out_dir) if a.out_dir else common.run_dir_of(a.run)
-    out.mkdir(parents=True, exist_ok=True)
-    device, rows, loader = common.select_device(), [], None
+    out, run_name = Path(a.out_dir) if a.out_dir else common.run_dir_of(a.run), common.run_dir_of(a.run).name
+    device, rows, loader, paths = common.select_device(), [], None, common.list_checkpoints(a.run)
+    progress = common.Progress("resa.py analyze", len(paths), "checkpoints")
     with common.cpu_threads(a.threads):
-        for path in common.list_checkpoints(a.run):
+        for path in paths:
             ckpt = common.load_checkpoint(path)
             (backbone, meta), heads = common.load_backbone(ckpt), common.load_heads(ckpt)
+            if 0 < a.samples <= meta["data"]["num_classes"]:  # the silhouette and k-means need more images
+                p.error(f"argument --samples: {a.samples} images for {meta['data']['num_classes']} classes; give "
+                        f"more than the classes (or 0 = all)")
             loader = loader or common.eval_loader(meta, a.split, a.data_dir, a.batch_size, a.workers, a.samples)
             h, y = common.extract_features(backbone.to(device), loader, device)  # (N, D) encoder output H
             layers, proj = [("encoder", h)], heads.get("projector")
@@ -518,7 +519,8 @@ def analyze(argv):
             common.print0(f"{path.name}: " + " ".join(f"{r['layer']}/{r['granularity']} sc_mean "
                                                       f"{r['sc_mean']:.3f} ari {r['ari']:.3f}"
                                                       for r in rows if r["checkpoint"] == path.name))
-    common.write_csv(out / "resa.csv", rows, list(rows[0]))
+            progress.update(1)
+    common.write_csv(out / "resa.csv", rows, list(rows[0]))  # creates out
     grans, layers = (list(dict.fromkeys(r[k] for r in rows)) for k in ("granularity", "layer"))
     fig, axes = plt.subplots(len(grans), 3, figsize=(11, 3.2 * len(grans)), squeeze=False)
     for g, gran in enumerate(grans):
@@ -526,10 +528,11 @@ def analyze(argv):
             for layer in layers:
                 pts = [(r["epoch"], r[key]) for r in rows if r["layer"] == layer and r["granularity"] == gran]
                 axes[g, j].plot(*zip(*pts), "o-", ms=3, label=layer)
-            axes[g, j].set(title=f"{key} ({gran} labels)", xlabel="epoch")
-    axes[0, 0].legend(fontsize=7)
-    fig.suptitle(f"{meta['method']} {out.name}: ReSA clustering properties ({a.split} split, {a.metric})")
-    fig.tight_layout()
+            axes[g, j].set(title=f"{key} ({gran} labels)", xlabel="epoch", ylabel=f"{key} (dimensionless)")
+            axes[g, j].xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    fig.suptitle(f"run {run_name} ({meta['method']}): ReSA clustering properties ({a.split} split, {a.metric})")
+    fig.tight_layout(rect=(0, 0, 0.86, 1))  # the legend goes right of the panels: it covers no data
+    axes[0, -1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.03, 1))
     fig.savefig(out / "monitor_resa.png", dpi=110)
     common.print0(f"wrote resa.csv and monitor_resa.png to {out}")
 

@@ -55,7 +55,11 @@ def test_end_to_end_all_outputs(run_dir, tmp_path):
     out = tmp_path / "out"
     monitor.main([str(run_dir), *FAST, "--features", "all", "--out-dir", str(out)])
     rows = read(out / "monitor.csv")
-    assert list(rows[0]) == ["checkpoint", "epoch", "method", "features", "precision", "metric", "value", "note"]
+    assert list(rows[0]) == ["checkpoint", "epoch", "method", "features", "precision", "metric", "value", "unit",
+                             "note"]
+    units = {r["metric"]: r["unit"] for r in rows}  # pandas reads it as it is: one unit per metric
+    assert units["entropy_gaussian"] == units["entropy_knn"] == "nats" and units["probe_acc"] == "%"
+    assert {units[m] for m in ("silhouette", "agreement", "rankme", "alpha_req", "lidar", "ami_gt")} == {""}
     assert {r["precision"] for r in rows} == {"fp32"}  # float32 features unless --precision bf16
     assert sorted({int(r["epoch"]) for r in rows}) == [0, 2, 4]
     for fs in ("backbone", "projector"):
@@ -170,8 +174,9 @@ def test_damaged_checkpoint_clear_error_and_skip(run_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "monitor.py", str(run)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
-    assert proc.returncode == 1, proc.stderr  # a run-time failure (common.run)
+    assert proc.returncode == 1, proc.stderr  # a run-time failure (issue 21): exit 1, before anything is written
     assert "error:" in proc.stderr and "ckpt_epoch0002.pt" in proc.stderr and "damaged" in proc.stderr
+    assert "--skip-damaged" in proc.stderr and not (run / "monitor.csv").exists()
     assert "Traceback" not in proc.stderr
     monitor.main([str(run), *FAST, "--skip-damaged", "--pairing", "seeds", "--lidar-images", "0", "--entropy",
                   "gaussian", "--probe", "none"])

@@ -143,6 +143,19 @@ def test_alpha_req_recovers_power_law():
     assert monitor.alpha_req(5 * x)["alpha"] == pytest.approx(out["alpha"], abs=1e-9)  # scale-free
 
 
+@pytest.mark.parametrize("fit_range", [(0.0, 0.5), (0.1, 0.9), (0.0, 1.0)])
+def test_alpha_req_numpy_fit_equals_scipy_linregress(fit_range):
+    """The numpy least-squares line (scipy is not a dependency) gives scipy.stats.linregress's slope and R^2."""
+    stats = pytest.importorskip("scipy.stats")  # installed with scikit-learn; only this reference needs it
+    x, _ = blobs(n=500, d=24, k=6, spread=2.0, seed=1)
+    out = monitor.alpha_req(x, fit_range)
+    lam = monitor.covariance_spectrum(x)
+    ref = stats.linregress(np.log(np.arange(out["fit_lo"], out["fit_hi"] + 1)),
+                           lam[out["fit_lo"] - 1:out["fit_hi"]].log().numpy())
+    assert out["alpha"] == pytest.approx(-ref.slope, abs=1e-10)
+    assert out["r2"] == pytest.approx(ref.rvalue ** 2, abs=1e-10)
+
+
 def test_lidar_identical_views_and_linear_invariance():
     g = torch.Generator().manual_seed(0)
     clean = torch.randn(2000, 1, 8, generator=g)
