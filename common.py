@@ -1844,11 +1844,15 @@ def write_csv(path, rows, columns) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        w.writeheader()
-        w.writerows({c: ("" if r.get(c) is None else r.get(c)) for c in columns} for r in rows)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+            w.writeheader()
+            w.writerows({c: ("" if r.get(c) is None else r.get(c)) for c in columns} for r in rows)
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk: the previous file stays, no temporary is left, the error names the file
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None
     return path
 
 
@@ -1870,7 +1874,7 @@ def _arg_type(tp):
     return tp, None
 
 
-def _ranged(typ, interval: str):
+def ranged(typ, interval: str):
     """An argparse type that also checks an interval written as in mathematics: "[1, inf)", "(0, inf)",
     "[0, 1]". A value outside it (nan and inf included, unless an end is a closed inf) is a usage error."""
     lo, hi = (float(v) for v in interval[1:-1].split(","))
@@ -1884,7 +1888,7 @@ def _ranged(typ, interval: str):
     return parse
 
 
-class _Parser(argparse.ArgumentParser):
+class ArgParser(argparse.ArgumentParser):
     """argparse whose usage errors are ONE line, `error: argument --lr: ...`, with exit status 2 (argparse's
     convention; without the usage block, which lists ~50 flags)."""
 
@@ -1915,7 +1919,7 @@ def _groups(cls) -> dict:
 def parse_args(cls, presets: dict, argv=None, usage: str | None = None):
     """Dataclass -> command line. Every field becomes --field-name with its default and metadata["help"]; bools
     get --x/--no-x. Validation happens here, before any work: metadata["choices"] (a tuple: argparse's choices,
-    for each element of a tuple field) and metadata["range"] (an interval string, see _ranged). `--preset NAME`
+    for each element of a tuple field) and metadata["range"] (an interval string, see ranged). `--preset NAME`
     is applied first and later flags override it. --help groups the flags by the Args class's comments and
     lists every preset's values."""
     hints = typing.get_type_hints(cls)
@@ -1928,7 +1932,7 @@ def parse_args(cls, presets: dict, argv=None, usage: str | None = None):
         defaults[f.name] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     if known.preset is not None:
         if known.preset not in presets:
-            _Parser(prog=prog).error(f"argument --preset: unknown preset {known.preset!r}; choose one of "
+            ArgParser(prog=prog).error(f"argument --preset: unknown preset {known.preset!r}; choose one of "
                                      f"{', '.join(presets) or '(none: this script has no presets)'}")
         unknown = set(presets[known.preset]) - set(defaults)
         if unknown:
@@ -1938,7 +1942,7 @@ def parse_args(cls, presets: dict, argv=None, usage: str | None = None):
         f"  {name}: " + ", ".join(f"{k}={v}" for k, v in values.items()) for name, values in presets.items())
     doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n\n")[0]
     usage = usage or f"python {prog}" + (" [--preset NAME]" if presets else "") + " [--flag VALUE ...]"
-    parser = _Parser(prog=prog, usage=usage, description=doc, epilog=epilog if presets else None,
+    parser = ArgParser(prog=prog, usage=usage, description=doc, epilog=epilog if presets else None,
                      allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     if presets:
         parser.add_argument("--preset", choices=list(presets), help="hyperparameter preset (see below)")
@@ -1958,7 +1962,7 @@ def parse_args(cls, presets: dict, argv=None, usage: str | None = None):
             continue
         typ, nargs = _arg_type(tp)
         if "range" in f.metadata:
-            typ = _ranged(typ, f.metadata["range"])
+            typ = ranged(typ, f.metadata["range"])
         group.add_argument(flag, dest=f.name, type=typ, nargs=nargs, default=defaults[f.name], help=help_text,
                            choices=f.metadata.get("choices"),
                            metavar=("{" + ",".join(map(str, f.metadata["choices"])) + "}"

@@ -606,7 +606,7 @@ def analyze(argv):
     import matplotlib.pyplot as plt
     from sklearn.manifold import TSNE
 
-    p = common._Parser(prog="excb.py analyze", description=analyze.__doc__)  # usage errors: one line, exit 2
+    p = common.ArgParser(prog="excb.py analyze", description=analyze.__doc__)  # usage errors: one line, exit 2
     p.add_argument("run", help="run directory (every *.pt, in epoch order) or one checkpoint")
     p.add_argument("--out-dir", default="", help="where the outputs go (default: the run directory)")
     p.add_argument("--bn", choices=("eval", "batch"), default="eval", help="BatchNorm statistics")
@@ -616,7 +616,7 @@ def analyze(argv):
             ("--tsne-classes", 1, 10, "classes in the t-SNE picture (Fig. 7)"), ("--workers", 0, 0, ""),
             ("--tsne-per-class", 3, 100, "images per t-SNE class"), ("--seed", 0, 0, "seed of the t-SNE"),
             ("--threads", 0, 1, "CPU threads (0 = the defaults)")):
-        p.add_argument(flag, type=common._ranged(int, f"[{low}, inf)"), default=default, help=text)
+        p.add_argument(flag, type=common.ranged(int, f"[{low}, inf)"), default=default, help=text)
     a = p.parse_args(argv)
     out, run_name = Path(a.out_dir) if a.out_dir else common.run_dir_of(a.run), common.run_dir_of(a.run).name
     device, rows, sizes, loader, paths = common.select_device(), [], {}, None, common.list_checkpoints(a.run)

@@ -480,7 +480,7 @@ def analyze(argv):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    p = common._Parser(prog="resa.py analyze", description=analyze.__doc__)  # usage errors: one line, exit 2
+    p = common.ArgParser(prog="resa.py analyze", description=analyze.__doc__)  # usage errors: one line, exit 2
     p.add_argument("run", help="run directory (every *.pt, in epoch order) or one checkpoint")
     p.add_argument("--out-dir", default="", help="where the outputs go (default: the run directory)")
     p.add_argument("--split", choices=("test", "train"), default="test", help="split analysed")
@@ -490,7 +490,7 @@ def analyze(argv):
             ("--samples", 0, 5000, "class-stratified subset of the split (0 = all; else more than the classes)"),
             ("--n-init", 1, 3, "k-means restarts (k-means++ init each)"), ("--seed", 0, 0, "k-means seed"),
             ("--batch-size", 1, 256, ""), ("--workers", 0, 0, ""), ("--threads", 0, 1, "CPU threads (0 = all)")):
-        p.add_argument(flag, type=common._ranged(int, f"[{low}, inf)"), default=default, help=text)
+        p.add_argument(flag, type=common.ranged(int, f"[{low}, inf)"), default=default, help=text)
     a = p.parse_args(argv)
     out, run_name = Path(a.out_dir) if a.out_dir else common.run_dir_of(a.run), common.run_dir_of(a.run).name
     device, rows, loader, paths = common.select_device(), [], None, common.list_checkpoints(a.run)
