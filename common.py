@@ -1,41 +1,11 @@
-"""common.py: the plumbing shared by excb.py, resa.py, simclr_nscl.py, probe.py and monitor.py.
+"""common.py: the plumbing shared by excb.py, resa.py, simclr_nscl.py, probe.py and monitor.py (docs/common.md).
 
-This is the ONLY module the method files import from the repository. It holds no method: no loss, no
-balancing, no Sinkhorn, no projector. Anything from a paper's method section lives in its method file.
-Copy a method file plus this one and you have the method.
-
-Sections (banner comments below, in this order):
-  1. distributed  setup from torchrun's environment, rank-0 printing, gathers with the right gradient
-  2. data         datasets (digits, CIFAR-10/100, STL-10, ImageFolder), view recipes, epoch-seeded loaders
-  2b. device data the training set held on the training device, its views made there in batches; the choice
-                  between that and the DataLoader (build_train_loader, --data-path)
-  3. backbones    ResNet-18/50 (CIFAR or ImageNet stem, width multiplier), ViT-S/16 (DINO layout: any input
-                  size, drop-path), a tiny convnet
-  4. checkpoints  one documented format, atomic writes, strict loading with clear errors, --resume auto
-  5. features     un-augmented evaluation loaders and feature extraction
-  6. utilities    dataclass -> argparse, cosine schedule, JSON-lines run logger
-  7. survival     divergence guard, preemption signals, per-step seeding, the scripts' entry point (run)
-
-Checkpoint format (a dict saved with torch.save, loadable with weights_only=True):
-  format          "ssl-clustering/1"
-  method          "excb" | "resa" | "simclr_nscl" | ...
-  epoch, step     epochs completed and optimizer steps taken when the file was written
-  args            the run's full configuration (dict), so a checkpoint explains itself
-  backbone        {"name", "image_size", "kwargs", "feature_dim"}: enough to rebuild it with build_backbone
-  eval_encoder    which encoder is stored for evaluation: "teacher" (ExCB), "momentum" (ReSA), "online"
-  eval_backbone   state_dict of that encoder (unwrapped: no "module." prefixes)
-  heads           optional evaluation heads: {"projector": {"spec", "state"}, "normalize_output": bool,
-                  "centroids": (K, D) tensor, ...}; the projector is a layer spec + state, so monitor.py and
-                  probe.py rebuild it without importing the method file
-  data            {"dataset", "data_dir", "image_size", "mean", "std", "num_classes", "subset"}
-  train_state     everything the method needs to resume exactly (model, teacher, optimizer, GradScaler, method
-                  state, and mid-epoch accumulators for a preemption checkpoint); read only by the method that
-                  wrote it
-  precision       the resolved training precision: "bf16" | "fp16" | "fp32"
-  torch_version   for the record
-File names: ckpt_epoch0010.pt after 10 epochs; ckpt_epoch0010_step004321.pt when a run was stopped by a signal
-in epoch 11 (checkpoint_name); a later checkpoint of the resumed run deletes it (prune_interrupted).
-"""
+The ONLY module the method files import from the repository; it holds no method (no loss, no balancing, no
+Sinkhorn, no projector): copy a method file plus this one and you have the method. Sections, in order:
+1 distributed (torchrun, rank-0 printing, gathers, precision); 2 data (datasets, view recipes, seeded loaders);
+2b the training set on the device, its views made there in batches; 3 backbones (ResNet, ViT-S/16, a convnet);
+4 checkpoints (docs/common.md#checkpoint-format; atomic writes, strict loading, --resume auto); 5 features;
+6 utilities (argparse, schedules, run log); 7 survival (divergence, preemption, per-step seeding, run())."""
 from __future__ import annotations
 
 import argparse
@@ -296,7 +266,7 @@ class BadImageError(RuntimeError):
         return (type(self), (str(self), self.path))
 
 
-def _read_rgb(path, folder):
+def _read_rgb(folder, path):
     """ImageFolder's loader: PIL image in RGB, or a BadImageError naming the file and the folder scanned. PIL
     decodes lazily, so convert() is where a truncated JPEG or a text file named .jpg fails."""
     from PIL import Image, UnidentifiedImageError
@@ -306,9 +276,9 @@ def _read_rgb(path, folder):
             return Image.open(f).convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         why = "not an image file PIL recognises" if isinstance(e, UnidentifiedImageError) else str(e)[:120]
-        raise BadImageError(f"cannot read image {path} ({why}) while scanning {folder}; delete or replace the file, "
-                            f"or pass --skip-bad-images to skip unreadable files (they are counted in the log as "
-                            f"data/skipped_images)", path=str(path)) from None
+        raise BadImageError(f"cannot read image {path} ({why}) while scanning {folder}; delete or replace the "
+                            f"file, or pass --skip-bad-images to skip unreadable files (they are counted in the log "
+                            f"as data/skipped_images)", path=str(path)) from None
 
 
 def split_batch(batch_size: int, world_size: int) -> int:
@@ -440,13 +410,12 @@ def build_dataset(name: str, split: str, transform=None, data_dir: str | None = 
             (root / s for s in ("val", "test") if (root / s).is_dir()), root / "val")
         if not folder.is_dir():
             raise DatasetNotFoundError(
-                f"ImageFolder split {split!r} not found: looked for {folder} (expected the layout "
-                f"{root}/train/<class>/*.jpg and {root}/val/<class>/* or {root}/test/<class>/*). For the "
-                f"CIFAR-10 JPEG copy: `mkdir -p data/cifar10-jpeg && tar -xzf "
-                f"../shared/data/cifar10-jpeg.tar.gz -C data/cifar10-jpeg` and pass --data-dir data/cifar10-jpeg "
-                f"--image-size 32.")
+                f"ImageFolder split {split!r} not found: looked for {folder} (expected the layout {root}/train/"
+                f"<class>/*.jpg and {root}/val/<class>/* or {root}/test/<class>/*). For the CIFAR-10 JPEG copy: "
+                f"`mkdir -p data/cifar10-jpeg && tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C data/cifar10-jpeg` "
+                f"and pass --data-dir data/cifar10-jpeg --image-size 32.")
         try:
-            source = torchvision.datasets.ImageFolder(str(folder), loader=functools.partial(_read_rgb, folder=folder))
+            source = torchvision.datasets.ImageFolder(str(folder), loader=functools.partial(_read_rgb, folder))
         except FileNotFoundError as e:  # no class folder, or a class folder without any image file
             raise DatasetNotFoundError(
                 f"ImageFolder {folder} holds no usable images: {e} Expected {folder}/<class>/<image> with one "
@@ -462,12 +431,9 @@ def build_dataset(name: str, split: str, transform=None, data_dir: str | None = 
                                            random_state=seed)[0])
     ds = ImageDataset(source, targets, classes, transform, indices, name, skip_bad)
     if name == "cifar100":  # the superclasses, from the pickles torchvision reads (it keeps the fine labels only)
-        def unpickle(file, key):
-            with open(root / folder / file, "rb") as f:
-                return pickle.load(f, encoding="latin1")[key]
-
-        ds.coarse_targets = ds.select(unpickle("train" if split == "train" else "test", "coarse_labels"))
-        ds.coarse_classes = unpickle("meta", "coarse_label_names")
+        labels, meta = (pickle.loads((root / folder / f).read_bytes(), encoding="latin1")
+                        for f in ("train" if split == "train" else "test", "meta"))
+        ds.coarse_targets, ds.coarse_classes = ds.select(labels["coarse_labels"]), meta["coarse_label_names"]
     return ds
 
 
@@ -540,11 +506,9 @@ def eval_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, resize: int 
 class MultiCrop:
     """Global views plus n_local local crops: [g1, g2, ..., l1, ..., lL] (SwAV/DINO multi-crop).
 
-    With `global_min_scale` (a function epoch -> m, e.g. ExCB's cosine 0.26 -> 0.14), global crops use
-    scale (m, 1) and local crops (local_min_scale, m), so the two ranges stay complementary as m moves.
-    The loader calls set_epoch inside each worker before every sample, so the schedule reaches
-    persistent workers too.
-    """
+    With `global_min_scale` (a function epoch -> m, e.g. ExCB's cosine 0.26 -> 0.14), global crops use scale
+    (m, 1) and local crops (local_min_scale, m), so the two ranges stay complementary as m moves. The loader calls
+    set_epoch inside each worker before every sample, so the schedule reaches persistent workers too."""
 
     def __init__(self, global_views, local_view=None, n_local=0, global_min_scale=None,
                  local_min_scale=0.05):
@@ -616,8 +580,7 @@ class _EpochBatches:
         return len(self.batch_sampler) - self.start
 
     def __iter__(self):  # skipped batches cost their indices only: no image is loaded
-        for batch in itertools.islice(self.batch_sampler, self.start, None):
-            yield [(self.epoch, i) for i in batch]
+        return ([(self.epoch, i) for i in b] for b in itertools.islice(self.batch_sampler, self.start, None))
 
 
 class EpochLoader:
@@ -1465,9 +1428,8 @@ def load_checkpoint(path, method: str | None = None) -> dict:
 
 def checkpoint_meta(ckpt: dict, path=None) -> dict:
     """Everything about a checkpoint except its tensors."""
-    return {**{k: ckpt[k] for k in ("format", "method", "epoch", "step", "args", "backbone", "eval_encoder",
-                                    "data", "precision", "torch_version") if k in ckpt},
-            "heads": sorted(ckpt.get("heads", {})), "path": str(path) if path is not None else None}
+    meta = {k: v for k, v in ckpt.items() if k not in ("eval_backbone", "heads", "train_state")}
+    return {**meta, "heads": sorted(ckpt.get("heads", {})), "path": str(path) if path is not None else None}
 
 
 def load_backbone(path_or_ckpt) -> tuple[nn.Module, dict]:
@@ -1540,16 +1502,12 @@ def config_diff(saved: dict, args) -> list[str]:
 
 
 def resume_checkpoint(args, method: str) -> dict | None:
-    """--resume -> the checkpoint to continue from, or None for a fresh start. Every method script calls this.
-
-    ""     fresh start; refused if --output-dir already holds checkpoints (rerunning a command must not
-           overwrite a run: continue it with --resume auto, or pick another --output-dir).
-    auto   the newest readable checkpoint of this method in --output-dir (damaged files are skipped with a
-           note), or a fresh start when there is none, so a job script can resubmit the same command line after
-           a preemption. A checkpoint whose configuration differs from this command is refused, naming what
-           differs (see RESUME_MAY_DIFFER for what may change).
-    PATH   that checkpoint; differences in configuration are printed (a deliberate change, e.g. a lower lr
-           after a divergence) but allowed.
+    """--resume -> the checkpoint to continue from, or None for a fresh start (every method script calls this).
+    "": a fresh start, refused if --output-dir already holds checkpoints (rerunning a command must not overwrite a
+    run). auto: the newest readable checkpoint of this method in --output-dir (damaged files are skipped with a
+    note) or a fresh start, so a job script can resubmit the same command line; a checkpoint configured otherwise
+    is refused, naming what differs (RESUME_MAY_DIFFER may change). PATH: that checkpoint; differences are printed
+    but allowed (a deliberate change, e.g. a lower lr after a divergence). Manual: docs/common.md#runs-that-survive.
     """
     run_dir = Path(args.output_dir)
     existing = sorted(run_dir.glob("*.pt"), key=_checkpoint_order)  # [] when it does not exist yet
