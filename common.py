@@ -594,10 +594,13 @@ class EpochLoader:
 
     def __init__(self, dataset, batch_size, dist: DistInfo, workers=0, shuffle=True, drop_last=True,
                  seed=0, batch_sampler=None):
-        self.sampler = batch_sampler or DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank,
-                                                           shuffle=shuffle, seed=seed, drop_last=drop_last)
-        self.batches = _EpochBatches(batch_sampler or BatchSampler(self.sampler, batch_size, drop_last=drop_last))
-        self.skipped_images = 0
+        if batch_sampler is None:
+            self.sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank,
+                                              shuffle=shuffle, seed=seed, drop_last=drop_last)
+            batch_sampler = BatchSampler(self.sampler, batch_size, drop_last=drop_last)
+        else:
+            self.sampler = batch_sampler
+        self.batches, self.skipped_images = _EpochBatches(batch_sampler), 0
         if len(self.batches) == 0:
             raise UsageError(f"the loader yields no batch: {len(dataset)} images per epoch cannot fill a "
                              f"batch of {batch_size} per rank x {dist.world_size} ranks; lower --batch-size")
