@@ -276,9 +276,9 @@ def _read_rgb(folder, path):
             return Image.open(f).convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         why = "not an image file PIL recognises" if isinstance(e, UnidentifiedImageError) else str(e)[:120]
-        raise BadImageError(f"cannot read image {path} ({why}) while scanning {folder}; delete or replace the "
-                            f"file, or pass --skip-bad-images to skip unreadable files (they are counted in the log "
-                            f"as data/skipped_images)", path=str(path)) from None
+        raise BadImageError(f"cannot read image {path} ({why}) while scanning {folder}; delete or replace "
+                            f"the file, or pass --skip-bad-images to skip unreadable files (they are counted in "
+                            f"the log as data/skipped_images)", path=str(path)) from None
 
 
 def split_batch(batch_size: int, world_size: int) -> int:
@@ -410,10 +410,10 @@ def build_dataset(name: str, split: str, transform=None, data_dir: str | None = 
             (root / s for s in ("val", "test") if (root / s).is_dir()), root / "val")
         if not folder.is_dir():
             raise DatasetNotFoundError(
-                f"ImageFolder split {split!r} not found: looked for {folder} (expected the layout {root}/train/"
-                f"<class>/*.jpg and {root}/val/<class>/* or {root}/test/<class>/*). For the CIFAR-10 JPEG copy: "
-                f"`mkdir -p data/cifar10-jpeg && tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C data/cifar10-jpeg` "
-                f"and pass --data-dir data/cifar10-jpeg --image-size 32.")
+                f"ImageFolder split {split!r} not found: looked for {folder} (expected the layout "
+                f"{root}/train/<class>/*.jpg and {root}/val/<class>/* or {root}/test/<class>/*). For the "
+                f"CIFAR-10 JPEG copy: `mkdir -p data/cifar10-jpeg && tar -xzf ../shared/data/cifar10-jpeg.tar.gz "
+                f"-C data/cifar10-jpeg` and pass --data-dir data/cifar10-jpeg --image-size 32.")
         try:
             source = torchvision.datasets.ImageFolder(str(folder), loader=functools.partial(_read_rgb, folder))
         except FileNotFoundError as e:  # no class folder, or a class folder without any image file
@@ -430,7 +430,7 @@ def build_dataset(name: str, split: str, transform=None, data_dir: str | None = 
         indices = np.sort(train_test_split(np.arange(len(t)), train_size=subset, stratify=strat,
                                            random_state=seed)[0])
     ds = ImageDataset(source, targets, classes, transform, indices, name, skip_bad)
-    if name == "cifar100":  # the superclasses, from the pickles torchvision reads (it keeps the fine labels only)
+    if name == "cifar100":  # superclasses, from the pickles torchvision reads (it keeps the fine labels only)
         labels, meta = (pickle.loads((root / folder / f).read_bytes(), encoding="latin1")
                         for f in ("train" if split == "train" else "test", "meta"))
         ds.coarse_targets, ds.coarse_classes = ds.select(labels["coarse_labels"]), meta["coarse_label_names"]
@@ -507,8 +507,8 @@ class MultiCrop:
     """Global views plus n_local local crops: [g1, g2, ..., l1, ..., lL] (SwAV/DINO multi-crop).
 
     With `global_min_scale` (a function epoch -> m, e.g. ExCB's cosine 0.26 -> 0.14), global crops use scale
-    (m, 1) and local crops (local_min_scale, m), so the two ranges stay complementary as m moves. The loader calls
-    set_epoch inside each worker before every sample, so the schedule reaches persistent workers too."""
+    (m, 1) and local crops (local_min_scale, m), so the two ranges stay complementary as m moves. The loader
+    calls set_epoch inside each worker before every sample, so the schedule reaches persistent workers too."""
 
     def __init__(self, global_views, local_view=None, n_local=0, global_min_scale=None,
                  local_min_scale=0.05):
@@ -553,8 +553,8 @@ class _SeededViews(Dataset):
     def __getitem__(self, key):
         epoch, i = key
         getattr(getattr(self.dataset, "transform", None), "set_epoch", lambda epoch: None)(epoch)  # MultiCrop
-        # The caller's RNG stays untouched, and the many tiny per-image ops run on one thread (in the main process,
-        # workers=0, 5x faster than letting each spin up the intra-op pool; a worker has one thread already).
+        # The caller's RNG stays untouched, and the many tiny per-image ops run on one thread (in the main
+        # process, workers=0, 5x faster than letting each spin up the intra-op pool; a worker has one already).
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
@@ -1509,8 +1509,8 @@ def resume_checkpoint(args, method: str) -> dict | None:
     "": a fresh start, refused if --output-dir already holds checkpoints (rerunning a command must not overwrite a
     run). auto: the newest readable checkpoint of this method in --output-dir (damaged files are skipped with a
     note) or a fresh start, so a job script can resubmit the same command line; a checkpoint configured otherwise
-    is refused, naming what differs (RESUME_MAY_DIFFER may change). PATH: that checkpoint; differences are printed
-    but allowed (a deliberate change, e.g. a lower lr after a divergence). Manual: docs/common.md#runs-that-survive.
+    is refused, naming what differs (RESUME_MAY_DIFFER may change). PATH: that checkpoint; differences are
+    printed but allowed (a deliberate change, e.g. a lower lr). Manual: docs/common.md#runs-that-survive.
     """
     run_dir = Path(args.output_dir)
     existing = sorted(run_dir.glob("*.pt"), key=_checkpoint_order)  # [] when it does not exist yet
