@@ -1,41 +1,11 @@
-"""common.py: the plumbing shared by excb.py, resa.py, simclr_nscl.py, probe.py and monitor.py.
+"""common.py: the plumbing shared by excb.py, resa.py, simclr_nscl.py, probe.py and monitor.py (docs/common.md).
 
-This is the ONLY module the method files import from the repository. It holds no method: no loss, no
-balancing, no Sinkhorn, no projector. Anything from a paper's method section lives in its method file.
-Copy a method file plus this one and you have the method.
-
-Sections (banner comments below, in this order):
-  1. distributed  setup from torchrun's environment, rank-0 printing, gathers with the right gradient
-  2. data         datasets (digits, CIFAR-10/100, STL-10, ImageFolder), view recipes, epoch-seeded loaders
-  2b. device data the training set held on the training device, its views made there in batches; the choice
-                  between that and the DataLoader (build_train_loader, --data-path)
-  3. backbones    ResNet-18/50 (CIFAR or ImageNet stem, width multiplier), ViT-S/16 (DINO layout: any input
-                  size, drop-path), a tiny convnet
-  4. checkpoints  one documented format, atomic writes, strict loading with clear errors, --resume auto
-  5. features     un-augmented evaluation loaders and feature extraction
-  6. utilities    dataclass -> argparse, cosine schedule, JSON-lines run logger
-  7. survival     divergence guard, preemption signals, per-step seeding, the scripts' entry point (run)
-
-Checkpoint format (a dict saved with torch.save, loadable with weights_only=True):
-  format          "ssl-clustering/1"
-  method          "excb" | "resa" | "simclr_nscl" | ...
-  epoch, step     epochs completed and optimizer steps taken when the file was written
-  args            the run's full configuration (dict), so a checkpoint explains itself
-  backbone        {"name", "image_size", "kwargs", "feature_dim"}: enough to rebuild it with build_backbone
-  eval_encoder    which encoder is stored for evaluation: "teacher" (ExCB), "momentum" (ReSA), "online"
-  eval_backbone   state_dict of that encoder (unwrapped: no "module." prefixes)
-  heads           optional evaluation heads: {"projector": {"spec", "state"}, "normalize_output": bool,
-                  "centroids": (K, D) tensor, ...}; the projector is a layer spec + state, so monitor.py and
-                  probe.py rebuild it without importing the method file
-  data            {"dataset", "data_dir", "image_size", "mean", "std", "num_classes", "subset"}
-  train_state     everything the method needs to resume exactly (model, teacher, optimizer, GradScaler, method
-                  state, and mid-epoch accumulators for a preemption checkpoint); read only by the method that
-                  wrote it
-  precision       the resolved training precision: "bf16" | "fp16" | "fp32"
-  torch_version   for the record
-File names: ckpt_epoch0010.pt after 10 epochs; ckpt_epoch0010_step004321.pt when a run was stopped by a signal
-in epoch 11 (checkpoint_name); a later checkpoint of the resumed run deletes it (prune_interrupted).
-"""
+The ONLY module the method files import from the repository; it holds no method (no loss, no balancing, no
+Sinkhorn, no projector): copy a method file plus this one and you have the method. Sections, in order:
+1 distributed (torchrun, rank-0 printing, gathers, precision); 2 data (datasets, view recipes, seeded loaders);
+2b the training set on the device, its views made there in batches; 3 backbones (ResNet, ViT-S/16, a convnet);
+4 checkpoints (docs/common.md#checkpoint-format; atomic writes, strict loading, --resume auto); 5 features;
+6 utilities (argparse, schedules, run log); 7 survival (divergence, preemption, per-step seeding, run())."""
 from __future__ import annotations
 
 import argparse
@@ -299,38 +269,33 @@ class BadImageError(RuntimeError):
         return (type(self), (str(self), self.path))
 
 
-class _ReadRGB:
+def _read_rgb(folder, path):
     """ImageFolder's loader: PIL image in RGB, or a BadImageError naming the file and the folder scanned. PIL
     decodes lazily, so convert() is where a truncated JPEG or a text file named .jpg fails."""
+    from PIL import Image, UnidentifiedImageError
 
-    def __init__(self, folder):
-        self.folder = str(folder)
-
-    def __call__(self, path):
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with open(path, "rb") as f:
-                return Image.open(f).convert("RGB")
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            why = "not an image file PIL recognises" if isinstance(e, UnidentifiedImageError) else str(e)[:120]
-            raise BadImageError(f"cannot read image {path} ({why}) while scanning "
-                                f"{self.folder}; delete or replace the file, or pass --skip-bad-images to skip "
-                                f"unreadable files (they are counted in the log as data/skipped_images)",
-                                path=str(path)) from None
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        why = "not an image file PIL recognises" if isinstance(e, UnidentifiedImageError) else str(e)[:120]
+        raise BadImageError(f"cannot read image {path} ({why}) while scanning {folder}; delete or replace "
+                            f"the file, or pass --skip-bad-images to skip unreadable files (they are counted in "
+                            f"the log as data/skipped_images)", path=str(path)) from None
 
 
 def split_batch(batch_size: int, world_size: int) -> int:
     """GLOBAL --batch-size -> the per-rank batch, or a one-line UsageError (every method script calls this)."""
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1 (got {batch_size}); it is the GLOBAL batch over all ranks")
-    if batch_size < world_size:
-        raise UsageError(f"--batch-size {batch_size} is smaller than the {world_size} ranks: every rank needs at "
-                         f"least one image (use --batch-size {world_size} or more)")
-    if batch_size % world_size:
-        raise UsageError(f"--batch-size {batch_size} must divide evenly over {world_size} ranks (it is the GLOBAL "
-                         f"batch; e.g. --batch-size {batch_size // world_size * world_size})")
-    return batch_size // world_size
+    b, w = batch_size, world_size
+    if b < 1:
+        raise UsageError(f"--batch-size must be at least 1 (got {b}); it is the GLOBAL batch over all ranks")
+    if b < w:
+        raise UsageError(f"--batch-size {b} is smaller than the {w} ranks: every rank needs at least one image "
+                         f"(use --batch-size {w} or more)")
+    if b % w:
+        raise UsageError(f"--batch-size {b} must divide evenly over {w} ranks (it is the GLOBAL batch; e.g. "
+                         f"--batch-size {b // w * w})")
+    return b // w
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,21 +320,19 @@ def dataset_info(name: str, image_size: int | None = None) -> DataInfo:
 
 
 class ImageDataset(Dataset):
-    """(transform(image), label) pairs over any indexable source of (image, label), with the labels
-    available as a tensor (`targets`) for samplers and probes, and an optional index subset."""
+    """(transform(image), label) pairs over any indexable source of (image, label), optionally over an index
+    subset, with the labels as a tensor (`targets`) for samplers and probes."""
 
-    def __init__(self, source, targets, classes, transform=None, indices=None, coarse_targets=None,
-                 coarse_classes=None, name="", skip_bad=False):
+    def __init__(self, source, targets, classes, transform=None, indices=None, name="", skip_bad=False):
         self.source, self.transform, self.name, self.skip_bad = source, transform, name, skip_bad
-        targets = torch.as_tensor(np.asarray(targets), dtype=torch.long)
         self.indices = None if indices is None else torch.as_tensor(indices, dtype=torch.long)
-        self.targets = targets if self.indices is None else targets[self.indices]
-        self.classes = list(classes)
+        self.targets, self.classes = self.select(targets), list(classes)
         self.num_classes = len(self.classes)
-        if coarse_targets is not None:
-            coarse = torch.as_tensor(np.asarray(coarse_targets), dtype=torch.long)
-            self.coarse_targets = coarse if self.indices is None else coarse[self.indices]
-            self.coarse_classes = list(coarse_classes)
+
+    def select(self, labels) -> torch.Tensor:
+        """Labels of every image of the source -> those of this dataset's images (as targets)."""
+        labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        return labels if self.indices is None else labels[self.indices]
 
     def __len__(self):
         return len(self.targets)
@@ -380,9 +343,8 @@ class ImageDataset(Dataset):
         over; the replacement is a pure function of i, so views and resume stay exact."""
         for k in range(len(self) if self.skip_bad else 1):
             n = (int(i) + k) % len(self)
-            j = int(self.indices[n]) if self.indices is not None else n
             try:
-                image, _ = self.source[j]
+                image, _ = self.source[int(self.indices[n]) if self.indices is not None else n]
             except BadImageError as e:
                 if not self.skip_bad:
                     raise
@@ -396,7 +358,7 @@ class ImageDataset(Dataset):
         return (self.transform(image) if self.transform is not None else image), label
 
 
-class _DigitsSource:
+class _DigitsSource(torch.utils.data.TensorDataset):
     """scikit-learn's bundled handwritten digits (1,797 8x8 grey images, 10 classes), upscaled to 32x32
     RGB uint8 so every backbone and augmentation treats them as tiny natural images. Fixed split:
     stratified 80/20 with random_state=0 -> 1,437 train / 360 test."""
@@ -410,14 +372,9 @@ class _DigitsSource:
                                random_state=0)[0 if split == "train" else 1]
         x = torch.tensor(d.images[idx], dtype=torch.float32)[:, None] / 16.0  # (N, 1, 8, 8) in [0, 1]
         x = nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        self.images = (x.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
-        self.targets = torch.tensor(d.target[idx], dtype=torch.long)
-
-    def __len__(self):
-        return len(self.targets)
-
-    def __getitem__(self, i):
-        return self.images[i], int(self.targets[i])
+        super().__init__((x.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous(),
+                         torch.tensor(d.target[idx], dtype=torch.long))
+        self.images, self.targets = self.tensors
 
 
 # torchvision's datasets: name -> (folder under --data-dir, torchvision class, label attribute, name in messages)
@@ -426,31 +383,18 @@ _TORCHVISION = {"cifar10": ("cifar-10-batches-py", "CIFAR10", "targets", "CIFAR-
                 "stl10": ("stl10_binary", "STL10", "labels", "STL-10")}
 
 
-def _cifar100_coarse(root: Path, train: bool):
-    """CIFAR-100's 20 superclass labels, read from the same pickles torchvision reads (it keeps only the
-    fine labels)."""
-    base = root / "cifar-100-python"
-    with open(base / ("train" if train else "test"), "rb") as f:
-        coarse = pickle.load(f, encoding="latin1")["coarse_labels"]
-    with open(base / "meta", "rb") as f:
-        names = pickle.load(f, encoding="latin1")["coarse_label_names"]
-    return coarse, names
-
-
 def build_dataset(name: str, split: str, transform=None, data_dir: str | None = None,
                   download: bool = False, subset: int = 0, seed: int = 0,
                   image_size: int | None = None, skip_bad: bool = False) -> ImageDataset:
     """Dataset of (transform(image), label) with .targets, .classes, .num_classes (CIFAR-100 also
-    .coarse_targets/.coarse_classes). split: "train" | "test" (STL-10 also "unlabeled",
+    .coarse_targets/.coarse_classes, its 20 superclasses). split: "train" | "test" (STL-10 also "unlabeled",
     "train+unlabeled"; their unlabeled images have label -1). subset=n keeps a class-stratified
     random subset of n images, fixed by `seed`. An unreadable ImageFolder file raises BadImageError, or with
     skip_bad is replaced by the next readable image and counted (ImageDataset.load)."""
     if split not in ("train", "test", "unlabeled", "train+unlabeled"):
         raise ValueError(f"unknown split {split!r}")
-    if name not in _DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    dataset_info(name)  # an unknown name fails here
     root = Path(data_dir or "data").expanduser()
-    coarse = coarse_names = None
     if name == "digits":
         source = _DigitsSource("train" if split == "train" else "test", image_size or 32)
         targets, classes = source.targets, [str(c) for c in range(10)]
@@ -464,8 +408,6 @@ def build_dataset(name: str, split: str, transform=None, data_dir: str | None = 
         how = {"split": split} if name == "stl10" else {"train": split == "train"}
         source = getattr(torchvision.datasets, cls)(str(root), download=download, **how)
         targets, classes = getattr(source, label_attr), source.classes
-        if name == "cifar100":
-            coarse, coarse_names = _cifar100_coarse(root, split == "train")
     else:  # imagefolder
         folder = root / "train" if split == "train" else next(
             (root / s for s in ("val", "test") if (root / s).is_dir()), root / "val")
@@ -473,11 +415,10 @@ def build_dataset(name: str, split: str, transform=None, data_dir: str | None = 
             raise DatasetNotFoundError(
                 f"ImageFolder split {split!r} not found: looked for {folder} (expected the layout "
                 f"{root}/train/<class>/*.jpg and {root}/val/<class>/* or {root}/test/<class>/*). For the "
-                f"CIFAR-10 JPEG copy: `mkdir -p data/cifar10-jpeg && tar -xzf "
-                f"../shared/data/cifar10-jpeg.tar.gz -C data/cifar10-jpeg` and pass --data-dir data/cifar10-jpeg "
-                f"--image-size 32.")
+                f"CIFAR-10 JPEG copy: `mkdir -p data/cifar10-jpeg && tar -xzf ../shared/data/cifar10-jpeg.tar.gz "
+                f"-C data/cifar10-jpeg` and pass --data-dir data/cifar10-jpeg --image-size 32.")
         try:
-            source = torchvision.datasets.ImageFolder(str(folder), loader=_ReadRGB(folder))
+            source = torchvision.datasets.ImageFolder(str(folder), loader=functools.partial(_read_rgb, folder))
         except FileNotFoundError as e:  # no class folder, or a class folder without any image file
             raise DatasetNotFoundError(
                 f"ImageFolder {folder} holds no usable images: {e} Expected {folder}/<class>/<image> with one "
@@ -491,7 +432,12 @@ def build_dataset(name: str, split: str, transform=None, data_dir: str | None = 
         strat = t if (t >= 0).all() and np.bincount(t).min() >= 2 else None
         indices = np.sort(train_test_split(np.arange(len(t)), train_size=subset, stratify=strat,
                                            random_state=seed)[0])
-    return ImageDataset(source, targets, classes, transform, indices, coarse, coarse_names, name, skip_bad)
+    ds = ImageDataset(source, targets, classes, transform, indices, name, skip_bad)
+    if name == "cifar100":  # superclasses, from the pickles torchvision reads (it keeps the fine labels only)
+        labels, meta = (pickle.loads((root / folder / f).read_bytes(), encoding="latin1")
+                        for f in ("train" if split == "train" else "test", "meta"))
+        ds.coarse_targets, ds.coarse_classes = ds.select(labels["coarse_labels"]), meta["coarse_label_names"]
+    return ds
 
 
 _INTERP = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC}
@@ -508,15 +454,14 @@ class Augment:
     Order: random resized crop -> flip -> colour jitter -> grayscale -> Gaussian blur -> solarize ->
     float in [0, 1] -> normalise. Works on PIL images and uint8 CHW tensors; solarize uses the PIL
     threshold 128 on uint8. `blur_kernel=None` picks an odd kernel of ~10% of the crop (SimCLR's rule).
-    The arguments stay readable as attributes (`scale`: the crop's current one), from which DeviceLoader
-    (section 2b) makes the same views for a whole batch at once.
+    The arguments stay readable as attributes, from which DeviceLoader (section 2b) makes the same views for a
+    whole batch at once; `scale` is the crop's own (set_scale moves it).
     """
 
     def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation="bilinear",
                  flip_p=0.5, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.0,
                  blur_sigma=(0.1, 2.0), blur_kernel=None, solarize_p=0.0, mean=IMAGENET_MEAN,
                  std=IMAGENET_STD):
-        # the recipe as data for DeviceLoader (section 2b); the crop scale stays in self.crop, which set_scale moves
         self.size, self.ratio, self.interpolation = size, tuple(ratio), interpolation
         self.flip_p, self.jitter, self.jitter_p, self.gray_p = flip_p, jitter, jitter_p, gray_p
         self.blur_p, self.blur_sigma, self.solarize_p = blur_p, tuple(blur_sigma), solarize_p
@@ -561,25 +506,12 @@ def eval_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, resize: int 
     return v2.Compose(ops)
 
 
-class MultiView:
-    """Apply each transform to the same image: [t1(x), t2(x), ...] (SimCLR's symmetric pair is
-    MultiView([t, t]); ReSA's asymmetric pair is MultiView([weak, strong]))."""
-
-    def __init__(self, transforms):
-        self.transforms = list(transforms)
-
-    def __call__(self, image):
-        return [t(image) for t in self.transforms]
-
-
 class MultiCrop:
     """Global views plus n_local local crops: [g1, g2, ..., l1, ..., lL] (SwAV/DINO multi-crop).
 
-    With `global_min_scale` (a function epoch -> m, e.g. ExCB's cosine 0.26 -> 0.14), global crops use
-    scale (m, 1) and local crops (local_min_scale, m), so the two ranges stay complementary as m moves.
-    The loader calls set_epoch inside each worker before every sample, so the schedule reaches
-    persistent workers too.
-    """
+    With `global_min_scale` (a function epoch -> m, e.g. ExCB's cosine 0.26 -> 0.14), global crops use scale
+    (m, 1) and local crops (local_min_scale, m), so the two ranges stay complementary as m moves. The loader
+    calls set_epoch inside each worker before every sample, so the schedule reaches persistent workers too."""
 
     def __init__(self, global_views, local_view=None, n_local=0, global_min_scale=None,
                  local_min_scale=0.05):
@@ -600,6 +532,15 @@ class MultiCrop:
         return views + [self.local_view(image) for _ in range(self.n_local)]
 
 
+class MultiView(MultiCrop):
+    """Each transform on the same image: [t1(x), t2(x), ...] (SimCLR's symmetric pair is MultiView([t, t]);
+    ReSA's asymmetric pair is MultiView([weak, strong])): a MultiCrop of global views only."""
+
+    def __init__(self, transforms):
+        super().__init__(transforms)
+        self.transforms = self.global_views
+
+
 class _SeededViews(Dataset):
     """Index (epoch, i) -> (views, label, skipped) of dataset[i] with augmentation randomness that is a pure
     function of (seed, epoch, i). Views then do not depend on the number of workers, and a resumed run sees
@@ -614,28 +555,22 @@ class _SeededViews(Dataset):
 
     def __getitem__(self, key):
         epoch, i = key
-        set_epoch = getattr(getattr(self.dataset, "transform", None), "set_epoch", None)
-        if set_epoch is not None:
-            set_epoch(epoch)
-        sample_seed = int(np.random.SeedSequence([self.seed, epoch, int(i)]).generate_state(1)[0])
-        # In the main process (workers=0): leave the caller's RNG untouched, and run the many tiny
-        # per-image ops on one thread (5x faster than letting each spin up the intra-op pool).
-        threads = torch.get_num_threads() if torch.utils.data.get_worker_info() is None else 1
-        if threads > 1:
-            torch.set_num_threads(1)
+        getattr(getattr(self.dataset, "transform", None), "set_epoch", lambda epoch: None)(epoch)  # MultiCrop
+        # The caller's RNG stays untouched, and the many tiny per-image ops run on one thread (in the main
+        # process, workers=0, 5x faster than letting each spin up the intra-op pool; a worker has one already).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
         try:
-            with torch.random.fork_rng(devices=[]):
-                # the CPU generator only: transforms never touch CUDA's, and torch.manual_seed's CUDA
-                # bookkeeping costs 250x more per sample
-                torch.random.default_generator.manual_seed(sample_seed)
+            with torch.random.fork_rng(devices=[]):  # the CPU generator only: CUDA's bookkeeping costs 250x more
+                seed = np.random.SeedSequence([self.seed, epoch, int(i)]).generate_state(1)[0]
+                torch.random.default_generator.manual_seed(int(seed))
                 if not hasattr(self.dataset, "load"):  # e.g. a torch Subset of an ImageDataset (probe.py)
                     return (*self.dataset[i], 0)
                 image, label, skipped = self.dataset.load(i)
                 t = self.dataset.transform
                 return (t(image) if t is not None else image), label, skipped
         finally:
-            if threads > 1:
-                torch.set_num_threads(threads)
+            torch.set_num_threads(threads)
 
 
 class _EpochBatches:
@@ -648,8 +583,7 @@ class _EpochBatches:
         return len(self.batch_sampler) - self.start
 
     def __iter__(self):  # skipped batches cost their indices only: no image is loaded
-        for batch in itertools.islice(self.batch_sampler, self.start, None):
-            yield [(self.epoch, i) for i in batch]
+        return ([(self.epoch, i) for i in b] for b in itertools.islice(self.batch_sampler, self.start, None))
 
 
 class EpochLoader:
@@ -1399,7 +1333,7 @@ def timm_names(state: dict) -> dict:
 # 4. CHECKPOINTS
 # ================================================================================================
 
-FORMAT = "ssl-clustering/1"
+FORMAT = "ssl-clustering/1"  # the format: docs/common.md#checkpoint-format
 
 
 class CheckpointError(RuntimeError):
@@ -1430,12 +1364,9 @@ def _layer_spec(module: nn.Module) -> list:
     if kind not in _HEAD_LAYERS:
         raise TypeError(f"cannot store head layer {kind}: heads must be built from "
                         f"{sorted(_HEAD_LAYERS) + ['Sequential']}")
-    values = [getattr(module, name) for name in _HEAD_LAYERS[kind]]
-    if kind == "Linear":
-        values[2] = values[2] is not None  # the bias Parameter -> whether there is one
-    if kind == "LayerNorm":
-        values[0] = list(values[0])
-    return [kind, *values]
+    # Linear's bias Parameter -> whether there is one; LayerNorm's shape tuple -> a list (_plain)
+    return [kind, *_plain([getattr(module, a) is not None if a == "bias" else getattr(module, a)
+                           for a in _HEAD_LAYERS[kind]])]
 
 
 def _build_layer(spec: list) -> nn.Module:
@@ -1455,28 +1386,24 @@ def _plain(x):
         return {str(k): _plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_plain(v) for v in x]
-    if isinstance(x, (str, int, float, bool)) or x is None:
-        return x
-    return str(x)
+    return x if isinstance(x, (str, int, float, bool)) or x is None else str(x)
 
 
 def make_checkpoint(method: str, epoch: int, step: int, args, backbone_spec: dict, eval_backbone: nn.Module,
                     eval_encoder: str, data_info: DataInfo, train_state: dict, heads: dict | None = None,
                     data_dir: str | None = None, subset: int = 0, precision: str = "fp32") -> dict:
-    """Assemble a checkpoint in the format of this module's docstring."""
-    eval_backbone = unwrap(eval_backbone)
-    spec = dict(backbone_spec)
-    spec.setdefault("feature_dim", int(getattr(eval_backbone, "feature_dim", 0)))
+    """Assemble a checkpoint in the format of docs/common.md#checkpoint-format. heads: a module is stored as its
+    layer spec + state, a tensor on the CPU, anything else as plain configuration."""
+    eval_backbone, a = unwrap(eval_backbone), _plain(args)
     stored_heads = {}
-    for key, v in (heads or {}).items():  # a module as its layer spec + state, a tensor on CPU, else plain
+    for key, v in (heads or {}).items():
         v = unwrap(v) if isinstance(v, nn.Module) else v
         stored_heads[key] = ({"spec": _layer_spec(v), "state": v.state_dict()} if isinstance(v, nn.Module)
                              else v.detach().cpu().clone() if isinstance(v, torch.Tensor) else _plain(v))
-    a = _plain(args)
     return {
         "format": FORMAT, "method": method, "epoch": int(epoch), "step": int(step), "args": a,
-        "backbone": _plain(spec), "eval_encoder": eval_encoder,
-        "eval_backbone": eval_backbone.state_dict(), "heads": stored_heads,
+        "backbone": _plain({"feature_dim": int(getattr(eval_backbone, "feature_dim", 0)), **backbone_spec}),
+        "eval_encoder": eval_encoder, "eval_backbone": eval_backbone.state_dict(), "heads": stored_heads,
         "data": {"dataset": data_info.name, "data_dir": data_dir if data_dir is not None else a.get("data_dir"),
                  "image_size": data_info.image_size, "mean": list(data_info.mean),
                  "std": list(data_info.std), "num_classes": data_info.num_classes,
@@ -1517,7 +1444,7 @@ def load_checkpoint(path, method: str | None = None) -> dict:
                               else f"{p}: no such checkpoint file")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated copies, foreign pickles, random bytes
+    except Exception as e:  # truncated copies, zero-byte files, foreign pickles, random bytes
         raise CheckpointError(f"{p} cannot be read as a PyTorch checkpoint ({_why(e)}); the file is damaged "
                               f"or not ours. Use another checkpoint of the run.") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
@@ -1533,11 +1460,8 @@ def load_checkpoint(path, method: str | None = None) -> dict:
 
 def checkpoint_meta(ckpt: dict, path=None) -> dict:
     """Everything about a checkpoint except its tensors."""
-    meta = {k: ckpt[k] for k in ("format", "method", "epoch", "step", "args", "backbone", "eval_encoder",
-                                 "data", "precision", "torch_version") if k in ckpt}
-    meta["heads"] = sorted(ckpt.get("heads", {}))
-    meta["path"] = str(path) if path is not None else None
-    return meta
+    meta = {k: v for k, v in ckpt.items() if k not in ("eval_backbone", "heads", "train_state")}
+    return {**meta, "heads": sorted(ckpt.get("heads", {})), "path": str(path) if path is not None else None}
 
 
 def load_backbone(path_or_ckpt) -> tuple[nn.Module, dict]:
@@ -1576,14 +1500,10 @@ def checkpoint_name(epoch: int, step: int | None = None) -> str:
     return f"ckpt_epoch{epoch:04d}.pt" if step is None else f"ckpt_epoch{epoch:04d}_step{step:06d}.pt"
 
 
-def _checkpoint_order(f: Path):
-    """Sort key from a file name: (epochs completed, step within the next epoch or -1, name); names of another
-    form sort by their last number."""
-    m = re.search(r"epoch(\d+)(?:_step(\d+))?", f.stem)
-    if m:
-        return (int(m.group(1)), int(m.group(2)) if m.group(2) else -1, f.name)
-    nums = re.findall(r"\d+", f.stem)
-    return (int(nums[-1]) if nums else -1, -1, f.name)
+def _checkpoint_order(f: Path) -> tuple:
+    """Sort key of a checkpoint file in training order: the numbers in its name, so ckpt_epoch0010.pt (10) < a
+    mid-epoch ckpt_epoch0010_step004321.pt (10, 4321) < ckpt_epoch0011.pt (11)."""
+    return [int(n) for n in re.findall(r"\d+", f.stem)], f.name
 
 
 def list_checkpoints(path) -> list[Path]:
@@ -1594,11 +1514,11 @@ def list_checkpoints(path) -> list[Path]:
         return [p]
     if not p.is_dir():
         raise CheckpointError(f"{p}: no such checkpoint file or run directory")
-    files = list(p.glob("*.pt"))
+    files = sorted(p.glob("*.pt"), key=_checkpoint_order)
     if not files:
         raise CheckpointError(f"no checkpoints (*.pt) in {p}; train into it first, e.g. "
                               f"`python resa.py --preset digits --output-dir {p}`")
-    return sorted(files, key=_checkpoint_order)
+    return files
 
 
 # Flags that may change when a run is continued: where things are, how fast, how chatty. Everything else defines
@@ -1608,23 +1528,19 @@ RESUME_MAY_DIFFER = {"resume", "output_dir", "data_dir", "download", "workers", 
 
 
 def config_diff(saved: dict, args) -> list[str]:
-    """'name: saved -> now' for every run-defining field that differs between a checkpoint and this command."""
+    """'--name: saved -> now' for every run-defining field that differs between a checkpoint and this command."""
     now = _plain(args)
     return [f"--{k.replace('_', '-')}: {saved[k]!r} in the run, {now[k]!r} now" for k in sorted(now)
             if k in saved and k not in RESUME_MAY_DIFFER and saved[k] != now[k]]
 
 
 def resume_checkpoint(args, method: str) -> dict | None:
-    """--resume -> the checkpoint to continue from, or None for a fresh start. Every method script calls this.
-
-    ""     fresh start; refused if --output-dir already holds checkpoints (rerunning a command must not
-           overwrite a run: continue it with --resume auto, or pick another --output-dir).
-    auto   the newest readable checkpoint of this method in --output-dir (damaged files are skipped with a
-           note), or a fresh start when there is none, so a job script can resubmit the same command line after
-           a preemption. A checkpoint whose configuration differs from this command is refused, naming what
-           differs (see RESUME_MAY_DIFFER for what may change).
-    PATH   that checkpoint; differences in configuration are printed (a deliberate change, e.g. a lower lr
-           after a divergence) but allowed.
+    """--resume -> the checkpoint to continue from, or None for a fresh start (every method script calls this).
+    "": a fresh start, refused if --output-dir already holds checkpoints (rerunning a command must not overwrite a
+    run). auto: the newest readable checkpoint of this method in --output-dir (damaged files are skipped with a
+    note) or a fresh start, so a job script can resubmit the same command line; a checkpoint configured otherwise
+    is refused, naming what differs (RESUME_MAY_DIFFER may change). PATH: that checkpoint; differences are
+    printed but allowed (a deliberate change, e.g. a lower lr). Manual: docs/common.md#runs-that-survive.
     """
     run_dir = Path(args.output_dir)
     existing = sorted(run_dir.glob("*.pt"), key=_checkpoint_order)  # [] when it does not exist yet
@@ -1635,20 +1551,18 @@ def resume_checkpoint(args, method: str) -> dict | None:
         return None
     if args.resume != "auto":
         ckpt = load_checkpoint(args.resume, method=method)
-        diff = config_diff(ckpt["args"], args)
-        if diff:
+        if diff := config_diff(ckpt["args"], args):
             print0(f"note: resuming {args.resume} with a changed configuration: " + "; ".join(diff))
         return ckpt
     for path in reversed(existing):
         try:
             ckpt = load_checkpoint(path, method=method)
         except CheckpointError as e:
-            if "was written by" in str(e):
+            if "was written by" in str(e):  # another method's run directory: stop, do not skip
                 raise
             print0(f"note: skipping {path.name}: {e}")
             continue
-        diff = config_diff(ckpt["args"], args)
-        if diff:
+        if diff := config_diff(ckpt["args"], args):
             raise UsageError(f"--resume auto: {path} belongs to a run configured differently: " + "; ".join(diff)
                              + ". Rerun with the run's own flags, or choose another --output-dir")
         print0(f"--resume auto: continuing from {path} (epoch {ckpt['epoch']}, step {ckpt['step']})"

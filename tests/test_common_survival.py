@@ -36,8 +36,8 @@ def test_batch_size_zero_on_every_script(script):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, script, "--preset", "digits", "--batch-size", "0", "--output-dir",
                           "/nonexistent/never"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    lines = out.stderr.strip().splitlines()  # the Args range check, before any work (no data, no output dir)
-    assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: argument --batch-size: 0 ")
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [  # the Args field's range, before any work
+        f"error: argument --batch-size: 0 is not in [1, inf) (see python {script} --help)"]
 
 
 # ------------------------------------------------------------------------------------------- resume
@@ -71,14 +71,19 @@ def test_checkpoint_names_sort_in_training_order(tmp_path):
     assert len(common.list_checkpoints(tmp_path)) == 4
 
 
-def test_resume_auto_empty_partial_finished_and_other_configs(tmp_path):
+def test_resume_auto_empty_partial_finished_and_other_configs(tmp_path, capsys):
     run = tmp_path / "run"
     args = _Args(output_dir=str(run), resume="auto")
     assert common.resume_checkpoint(args, "toy") is None                      # empty: start fresh
     _write(run, 1), _write(run, 2, 25)
     assert common.resume_checkpoint(args, "toy")["step"] == 25                # partial: the newest file
     (run / common.checkpoint_name(3)).write_bytes(b"truncated by a crash")    # damaged newest: skipped
+    (run / common.checkpoint_name(2, 30)).write_bytes(b"")                    # zero bytes: skipped too
+    capsys.readouterr()
     assert common.resume_checkpoint(args, "toy")["step"] == 25
+    out = capsys.readouterr().out.splitlines()
+    skipped = [line.split()[2].rstrip(":") for line in out if line.startswith("note: skipping")]
+    assert skipped == ["ckpt_epoch0003.pt", "ckpt_epoch0002_step000030.pt"]   # each with a note, newest first
     _write(run, 4)
     assert common.resume_checkpoint(args, "toy")["epoch"] == 4                # finished: nothing left to do
     with pytest.raises(common.UsageError, match=r"--lr: 0.1 in the run, 0.5 now"):
