@@ -1409,6 +1409,7 @@ def make_checkpoint(method: str, epoch: int, step: int, args, backbone_spec: dic
                  "std": list(data_info.std), "num_classes": data_info.num_classes,
                  "subset": int(subset or a.get("train_subset", 0) or 0)},
         "train_state": train_state, "precision": precision, "torch_version": str(torch.__version__),
+        "provenance": provenance(),
     }
 
 

@@ -53,7 +53,9 @@ def test_the_readme_lines_load_an_exported_resnet_into_torchvision(tmp_path, siz
     with torch.no_grad():
         torch.testing.assert_close(model(x), ours(x), rtol=0, atol=0)
     assert b["mean"] == meta["data"]["mean"] and b["method"] == "simclr_nscl" and b["epoch"] == 3
-    assert b["provenance"]["exported"]["created"].endswith("Z")
+    trained, exported = b["provenance"]["trained"], b["provenance"]["exported"]
+    assert trained["created"].endswith("Z") and exported["created"].endswith("Z") and trained["world_size"] == 1
+    assert trained["torchvision_version"] and isinstance(trained.get("git_dirty", False), bool)
     assert "train_state" not in b and "heads" not in b  # the backbone alone
 
 
