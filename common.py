@@ -1554,7 +1554,7 @@ def resume_checkpoint(args, method: str) -> dict | None:
         ckpt = load_checkpoint(args.resume, method=method)
         if diff := config_diff(ckpt["args"], args):
             print0(f"note: resuming {args.resume} with a changed configuration: " + "; ".join(diff))
-        return ckpt
+        return {**ckpt, "path": str(args.resume)}
     for path in reversed(existing):
         try:
             ckpt = load_checkpoint(path, method=method)
@@ -1568,9 +1568,25 @@ def resume_checkpoint(args, method: str) -> dict | None:
                              + ". Rerun with the run's own flags, or choose another --output-dir")
         print0(f"--resume auto: continuing from {path} (epoch {ckpt['epoch']}, step {ckpt['step']})"
                + (f"; the run already finished its {args.epochs} epochs" if ckpt["epoch"] >= args.epochs else ""))
-        return ckpt
+        return {**ckpt, "path": str(path)}
     print0(f"--resume auto: no checkpoint in {run_dir}, starting fresh")
     return None
+
+
+def load_train_state(ckpt: dict, args, **parts) -> dict:
+    """Load train_state[name] into each part (module, optimizer, MixedPrecision) strictly: a checkpoint that does
+    not fit the model this command builds (another --image-size, --backbone, head width, ...) is a CheckpointError
+    naming the file, the part and the flags that differ, not a state_dict traceback. -> ckpt["train_state"]."""
+    state = ckpt["train_state"]
+    for name, part in parts.items():
+        try:
+            part.load_state_dict(state.get(name, {}) if name == "scaler" else state[name])
+        except (RuntimeError, ValueError, KeyError) as e:
+            diff = "; ".join(config_diff(ckpt["args"], args)) or "no flag differs"
+            raise CheckpointError(f"{ckpt.get('path', 'the checkpoint')}: its {name} does not fit the model this "
+                                  f"command builds ({_why(e)[:160]}); flags that differ from the run: {diff}. Resume "
+                                  f"with the run's own flags") from None
+    return state
 
 
 def prune_interrupted(run_dir, step: int) -> None:

@@ -472,10 +472,8 @@ def main(argv=None):
     step, epoch_sums = 0, None
     ckpt = common.resume_checkpoint(args, "excb")
     if ckpt is not None:
-        state = ckpt["train_state"]
-        for part, key in ((student, "student"), (teacher, "teacher"), (optimizer, "optimizer")):
-            part.load_state_dict(state[key])  # strict: every tensor must fit
-        prec.load_state_dict(state.get("scaler", {}))
+        state = common.load_train_state(ckpt, args, student=student, teacher=teacher, optimizer=optimizer,
+                                        scaler=prec)  # strict: every tensor must fit
         s, step = state["s"].to(device), ckpt["step"]
         epoch_sums = state.get("epoch_sums")  # a run stopped mid-epoch: its partial Fig. 4 statistics
         common.print0(f"resumed at epoch {step // steps_per_epoch}, step {step}")

@@ -376,10 +376,7 @@ def main(argv=None):
         if state["steps_per_epoch"] != steps_per_epoch:
             raise common.CheckpointError(f"{args.resume}: {state['steps_per_epoch']} steps/epoch there, "
                                          f"{steps_per_epoch} here; resume with the same data and batch size")
-        online.load_state_dict(state["online"])
-        momentum.load_state_dict(state["momentum"])
-        opt.load_state_dict(state["optimizer"])
-        prec.load_state_dict(state.get("scaler", {}))
+        common.load_train_state(ckpt, args, online=online, momentum=momentum, optimizer=opt, scaler=prec)
         step = ckpt["step"]
         common.print0(f"resumed at epoch {step // steps_per_epoch}, step {step}")
     model, momentum_fwd = (torch.compile(model), torch.compile(momentum)) if args.compile else (model, momentum)

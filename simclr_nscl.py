@@ -407,9 +407,7 @@ def main(argv=None):
     step = 0
     ckpt = common.resume_checkpoint(args, "simclr_nscl")
     if ckpt is not None:
-        model.load_state_dict(ckpt["train_state"]["model"])
-        optimizer.load_state_dict(ckpt["train_state"]["optimizer"])
-        prec.load_state_dict(ckpt["train_state"].get("scaler", {}))
+        common.load_train_state(ckpt, args, model=model, optimizer=optimizer, scaler=prec)  # strict
         step = ckpt["step"]
         del ckpt
         common.print0(f"resumed at epoch {step // steps_per_epoch}, step {step}")

@@ -87,3 +87,11 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, finished):
         _one_error_line(out, str(run_dir), "disk is full")
         assert _snapshot(run_dir) == before  # the epoch-1 checkpoint survives, no partial epoch-2 file
         assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+def test_resuming_into_a_model_the_checkpoint_does_not_fit_is_one_line(tmp_path, finished):
+    ckpt = finished / "ckpt_epoch0001.pt"
+    before = ckpt.read_bytes()
+    out = _run("--epochs", "2", "--proj-hidden", "64", "--output-dir", tmp_path / "r", "--resume", ckpt)
+    _one_error_line(out, str(ckpt), "model", "--proj-hidden: 32 in the run, 64 now")
+    assert ckpt.read_bytes() == before
