@@ -24,14 +24,17 @@ Commands (from the repository root):
     python probe.py RUN --dataset cifar100 --data-dir data   # transfer
     python probe.py CKPT --mode linear-aug --epochs 100
     python probe.py CKPT --mode finetune --label-fraction 0.01   # or --split-file 1percent.txt
-Backbone features are extracted once per checkpoint and split and cached in RUN_DIR/features/; results go
-to RUN_DIR/probe.csv and probe.json (one row per checkpoint x probe x metric) and PNGs. Manual, timings:
-docs/probe.md.
+Backbone features are extracted once per checkpoint and split and cached in OUT_DIR/features/; results go
+to OUT_DIR/probe.csv and probe.json (one row per checkpoint x probe x metric) and PNGs; OUT_DIR is --out-dir,
+default the run directory. Manual, timings: docs/probe.md.
 """
 import argparse
 import csv
 import json
 import math
+import os
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,10 +52,6 @@ import common
 # =====================================================================================================
 
 
-def _num_classes(*ys):
-    return int(max(int(y.max()) for y in ys)) + 1
-
-
 def linear_probe(train_x, train_y, test_x, test_y, num_classes=None, epochs=500, lr=1e-2, final_lr=1e-6,
                  weight_decay=5e-6, batch_size=1000, seed=0, device=None):
     """ReSA's CIFAR linear probe on fixed features (resa_cifar eval/evaluate.py, W-MSE/INTL protocol).
@@ -64,15 +63,14 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes=None, epochs=500,
     step is an index, two small matmuls and an Adam update. Returns {"top1": %, "top5": %}.
     """
     device = torch.device(device) if device is not None else train_x.device
-    C = num_classes or _num_classes(train_y, test_y)
-    X, Y = train_x.to(device, torch.float32), train_y.to(device)
-    g = torch.Generator().manual_seed(seed)
+    C = num_classes or int(max(train_y.max(), test_y.max())) + 1
+    X, Y, g = train_x.to(device, torch.float32), train_y.to(device), torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG stream
         torch.random.default_generator.manual_seed(seed)
         head = nn.Linear(X.shape[1], C).to(device)
     opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, (final_lr / lr) ** (1.0 / max(epochs, 1)))  # gamma
-    n = len(X)
+    n, progress = len(X), common.Progress("linear probe", epochs, "epochs")
     with common.cpu_threads(int(device.type == "cpu")):  # 1 thread on CPU (common.cpu_threads), else as is
         for _ in range(epochs):
             perm = torch.randperm(n, generator=g).to(device)
@@ -83,6 +81,7 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes=None, epochs=500,
                 loss.backward()
                 opt.step()
             sched.step()
+            progress.update()
     return _eval_head(head, test_x, test_y, device)
 
 
@@ -109,25 +108,19 @@ def sample_shots(y, n, repeats, generator=None):
     classes, counts = y.unique(return_counts=True)
     if int(counts.min()) < n:
         raise ValueError(f"{n} shots requested but a class has only {int(counts.min())} images")
-    out = torch.empty(repeats, len(classes), n, dtype=torch.long)
-    for j, c in enumerate(classes.tolist()):
-        members = (y == c).nonzero().squeeze(1).cpu()
-        pick = torch.rand(repeats, len(members), generator=generator).argsort(1)[:, :n]  # (R, n)
-        out[:, j] = members[pick]
-    return out
+    # per class: the first n of a random order of its members, (R, n), drawn independently per repeat
+    return torch.stack([m[torch.rand(repeats, len(m), generator=generator).argsort(1)[:, :n]]
+                        for m in ((y == c).nonzero().squeeze(1).cpu() for c in classes.tolist())], 1)
 
 
-def nccc_scores(centres, x, chunk=8192):
+def nccc_scores(centres, x):
     """Nearest class-centre scores, (R, C, D) centres and (M, D) x -> (R, M, C); larger = closer.
 
     -||x - mu||^2 up to the row constant ||x||^2: 2 x.mu - ||mu||^2, so argmax = Euclidean argmin.
+    One batched matmul (the (R, M, C) result is the only large tensor).
     """
     mu_sq = (centres * centres).sum(-1)  # (R, C)
-    out = []
-    for s in range(0, len(x), chunk):
-        xs = x[s:s + chunk].to(centres)
-        out.append(2 * torch.einsum("md,rcd->rmc", xs, centres) - mu_sq[:, None, :])
-    return torch.cat(out, 1)
+    return 2 * torch.einsum("md,rcd->rmc", x.to(centres), centres) - mu_sq[:, None, :]
 
 
 def _nccc_eval(scores, y, C):
@@ -140,8 +133,7 @@ def _nccc_eval(scores, y, C):
     acc = (scores.argmax(-1) == y[None]).float().mean(1) * 100  # (R,)
     own = scores.gather(2, y[None, :, None].expand(len(scores), -1, 1))  # (R, M, 1)
     wrong = (scores > own).to(scores.dtype)  # (R, M, C): centre j beats the own-class centre
-    W = torch.zeros(len(scores), C, C, dtype=scores.dtype, device=scores.device)
-    W.index_add_(1, y, wrong)  # W[r, i, j] = images of class i closer to centre j
+    W = scores.new_zeros(len(scores), C, C).index_add_(1, y, wrong)  # W[r, i, j]: class i closer to centre j
     n = torch.bincount(y, minlength=C).to(scores.dtype)
     iu = torch.triu_indices(C, C, 1, device=scores.device)
     pair_err = (W[:, iu[0], iu[1]] + W[:, iu[1], iu[0]]) / (n[iu[0]] + n[iu[1]])  # (R, pairs)
@@ -151,12 +143,12 @@ def _nccc_eval(scores, y, C):
 def _few_shot_linear(xs, ys, test_sets, C, epochs, lr, batch_size, generator):
     """R bias-free linear probes trained at once: xs (R, n, D), ys (R, n) -> top-1 % per set, each (R,).
 
-    One weight tensor W (R, C, D) and one Adam: the loss is the sum over repeats of each repeat's batch
-    mean, so every repeat receives exactly its own gradient and Adam's per-element state keeps them apart.
+    One weight tensor W (R, C, D), initialised as nn.Linear's, and one Adam: the loss is the sum over repeats
+    of each repeat's batch mean, so every repeat receives exactly its own gradient and Adam's per-element
+    state keeps them apart.
     """
     R, n, D = xs.shape
-    bound = 1 / math.sqrt(D)  # nn.Linear's default init, per repeat
-    W = ((torch.rand(R, C, D, generator=generator) * 2 - 1) * bound).to(xs).requires_grad_()
+    W = ((torch.rand(R, C, D, generator=generator) * 2 - 1) / math.sqrt(D)).to(xs).requires_grad_()
     opt = torch.optim.Adam([W], lr=lr)
     bs = min(batch_size, n)
     with common.cpu_threads(int(xs.device.type == "cpu")):
@@ -171,16 +163,9 @@ def _few_shot_linear(xs, ys, test_sets, C, epochs, lr, batch_size, generator):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-    W = W.detach()
-    accs = []
-    with torch.no_grad():
-        for x, y in test_sets:
-            correct = torch.zeros(R, device=W.device)
-            for s in range(0, len(x), 8192):
-                pred = torch.einsum("md,rcd->rmc", x[s:s + 8192].to(W), W).argmax(-1)
-                correct += (pred == y[s:s + 8192][None].to(W.device)).sum(1)
-            accs.append(correct / len(x) * 100)
-    return accs
+    W = W.detach()  # logits (R, M, C) = x W^T per repeat, as NCCC's scores
+    return [(torch.einsum("md,rcd->rmc", x.to(W), W).argmax(-1) == y[None].to(W.device)).float().mean(1) * 100
+            for x, y in test_sets]
 
 
 def few_shot(train_x, train_y, test_x, test_y, shots=(1, 5, 10, 20, 50, 100, 200, 500), repeats=5,
@@ -199,42 +184,32 @@ def few_shot(train_x, train_y, test_x, test_y, shots=(1, 5, 10, 20, 50, 100, 200
     subset and differ only in initialisation; here every repeat draws a fresh subset (as its NCCC does).
     """
     device = torch.device(device) if device is not None else train_x.device
-    g = torch.Generator().manual_seed(seed)
-    classes = train_y.unique()
-    C = len(classes)
-    remap = torch.full((_num_classes(train_y, test_y),), -1, dtype=torch.long)
-    remap[classes] = torch.arange(C)  # labels -> positions 0..C-1 among the classes present in train
-    Xtr, Xte = train_x.to(device, torch.float32), test_x.to(device, torch.float32)
-    ytr, yte = remap[train_y.cpu()].to(device), remap[test_y.cpu()].to(device)
-    if (yte < 0).any():
+    classes, ytr = train_y.cpu().unique(return_inverse=True)  # labels -> positions 0..C-1 of train's classes
+    C, yte = len(classes), torch.searchsorted(classes, test_y.cpu()).clamp(max=len(classes) - 1)
+    if (classes[yte] != test_y.cpu()).any():
         raise ValueError("test labels contain classes absent from the train features")
+    Xtr, Xte, ytr, yte = (v.to(device) for v in (train_x.float(), test_x.float(), ytr, yte))
     sets = [("test", Xte, yte)] + ([("train", Xtr, ytr)] if eval_train else [])
-    min_count = int(torch.bincount(ytr).min())
-    rows = []
-
-    def add(n, probe, split, vals):
-        vals = vals.double().cpu()
-        rows.append({"shots": n, "probe": probe, "split": split, "mean": vals.mean().item(),
-                     "std": vals.std(unbiased=False).item(), "values": vals.tolist()})
-
+    shots = [n for n in shots if n <= int(torch.bincount(ytr).min())]  # N above the smallest class: skipped
+    raw, progress = [], common.Progress("few-shot", len(shots), "shot counts")  # raw: (N, probe, split, (R,))
+    g = torch.Generator().manual_seed(seed)
     for n in shots:
-        if n > min_count:
-            continue
         idx = sample_shots(ytr.cpu(), n, repeats, g).to(device)  # (R, C, n)
         xs = Xtr[idx]  # (R, C, n, D)
         if "nccc" in probes:
             centres = xs.mean(2)  # (R, C, D)
             for split, x, y in sets:
                 acc, err2 = _nccc_eval(nccc_scores(centres, x), y, C)
-                add(n, "nccc", split, acc)
-                add(n, "nccc_2way_err", split, err2)
+                raw += [(n, "nccc", split, acc), (n, "nccc_2way_err", split, err2)]
         if "linear" in probes:
             ys = torch.arange(C, device=device).repeat_interleave(n).expand(repeats, -1)  # (R, C*n)
             accs = _few_shot_linear(xs.flatten(1, 2), ys.contiguous(), [(x, y) for _, x, y in sets], C,
                                     epochs, lr, batch_size, g)
-            for (split, _, _), acc in zip(sets, accs):
-                add(n, "linear", split, acc)
-    return rows
+            raw += [(n, "linear", split, acc) for (split, _, _), acc in zip(sets, accs)]
+        progress.update()
+    return [{"shots": n, "probe": p, "split": split, "mean": v.double().mean().item(),
+             "std": v.double().std(unbiased=False).item(), "values": v.double().tolist()}
+            for n, p, split, v in raw]
 
 
 # ----- CDNV, directional CDNV and the few-shot bound (NSCL Sec. 4, Proposition 1) -------------------
@@ -246,9 +221,8 @@ def _class_geometry(x, y, chunk=65536):
     float64 and centred sums (not E||x||^2 - ||mu||^2, which cancels badly far from the origin), in row
     chunks so a large feature matrix is never copied whole in float64.
     """
-    classes, yi = y.unique(return_inverse=True)
-    C, D = len(classes), x.shape[1]
-    counts = torch.bincount(yi, minlength=C).double()
+    _, yi, counts = y.unique(return_inverse=True, return_counts=True)
+    C, D, counts = len(counts), x.shape[1], counts.double()
     mu = torch.zeros(C, D, dtype=torch.float64, device=x.device)
     for s in range(0, len(x), chunk):
         mu.index_add_(0, yi[s:s + chunk], x[s:s + chunk].double())
@@ -270,8 +244,7 @@ def cdnv(x, y):
     mu, var, _, _ = _class_geometry(x, y)
     d2 = torch.cdist(mu, mu) ** 2  # (C, C)
     i, j = torch.triu_indices(len(mu), len(mu), 1, device=mu.device)
-    keep = d2[i, j] > 0
-    return ((var[i] + var[j]) / (2 * d2[i, j]))[keep].mean().item()
+    return ((var[i] + var[j]) / (2 * d2[i, j]))[d2[i, j] > 0].mean().item()  # pairs with distinct means
 
 
 def directional_cdnv(x, y, chunk=65536):
@@ -304,8 +277,8 @@ def few_shot_bound(dir_cdnv, cdnv, m, n_classes=2, return_a=False):
 
     with V^s = sqrt(V) as in the authors' bound_analysis/old_bound_core.py (OFFICIAL; the paper's V^s is
     not reproduced here). E(a) is convex for a > 2A, so the minimum is at a* = max(5, 2A + y*) where y* is
-    the positive root of y^3 - 8F y - 16 F A = 0 (E'(a) = 0 with y = a - 2A, F = 2 Vt A / B_m), solved in
-    closed form: Cardano when A^2 >= 8F/27, else the trigonometric form of the largest real root.
+    the positive root of y^3 - 8F y - 16 F A = 0 (E'(a) = 0 with y = a - 2A, F = 2 Vt A / B_m): its largest
+    real root (numpy.roots), as the cubic has exactly one positive root and its roots sum to 0.
     Reference (Vt=0.0728605, V=1.6721367, C'=2): m=1 -> 29.114, m=5 -> 8.196, m=500 -> 1.459.
     An error bound, so values above 1 are vacuous; returned unclipped to match the paper's numbers.
     """
@@ -318,13 +291,7 @@ def few_shot_bound(dir_cdnv, cdnv, m, n_classes=2, return_a=False):
         a = float("inf")
     else:
         Fv = 2 * Vt * A / B
-        disc = A * A - 8 * Fv / 27
-        if disc >= 0:
-            r = math.sqrt(disc)
-            y = np.cbrt(8 * Fv * (A + r)) + np.cbrt(8 * Fv * (A - r))
-        else:
-            y = 4 * math.sqrt(2 * Fv / 3) * math.cos(math.acos(3 * A * math.sqrt(3 / (8 * Fv))) / 3)
-        a = max(5.0, 2 * A + float(y))
+        a = max(5.0, 2 * A + float(np.roots([1, 0, -8 * Fv, -16 * Fv * A]).real.max()))
     value = (n_classes - 1) * (Vt * (0.5 - A / a) ** -2 + B * a) if math.isfinite(a) else (
         (n_classes - 1) * 4 * Vt)
     return (value, a) if return_a else value
@@ -343,14 +310,6 @@ def _init_head(D, C, device):
     return head
 
 
-def _step_lr(schedule, base, step, total):
-    """cosine: half cosine from base to 0 per step (ExCB); step: x0.1 at 60% and 80% of training (ReSA's
-    MultiStep [60, 80] of 100 epochs)."""
-    if schedule == "cosine":
-        return common.cosine_schedule(step, total, base)
-    return base * 0.1 ** ((step >= 0.6 * total) + (step >= 0.8 * total))
-
-
 def linear_aug(backbone, train_set, test_x, test_y, num_classes, epochs=100, lr=0.3, batch_size=256,
                schedule="cosine", device="cpu", workers=0, seed=0, log=print, precision="fp32"):
     """ImageNet linear protocol: a linear head on the FROZEN backbone (eval mode, so BN statistics are
@@ -358,30 +317,42 @@ def linear_aug(backbone, train_set, test_x, test_y, num_classes, epochs=100, lr=
     effective wd; ReSA sets 0). train_set yields augmented (image, label); test_x are the cached
     centre-crop features, which the frozen backbone would reproduce exactly. Returns {"top1", "top5"} %.
     """
-    device = torch.device(device)
-    backbone = backbone.to(device).eval()
+    device, backbone = torch.device(device), backbone.to(device).eval().requires_grad_(False)  # frozen
     head = _init_head(test_x.shape[1], num_classes, device)
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    _sgd_epochs("linear-aug", nn.Sequential(backbone, head), [{"params": head.parameters(), "base": lr}],
+                train_set, batch_size, False, schedule, epochs, workers, seed, log, device, precision)
+    return _eval_head(head, test_x, test_y, device)
+
+
+def _sgd_epochs(tag, model, groups, train_set, batch_size, drop_last, schedule, epochs, workers, seed, log,
+                device, precision):
+    """linear-aug's and finetune's loop: cross-entropy of model(x) (autocast: bf16 needs no GradScaler), SGD
+    with momentum 0.9 and no weight decay on the parameter groups, each group's lr from its "base" per step,
+    a progress line with an ETA and a line per epoch. schedule: cosine: half cosine from base to 0 per step
+    (ExCB); step: x0.1 at 60% and 80% of training (ReSA's MultiStep [60, 80] of 100 epochs)."""
+    opt = torch.optim.SGD(groups, lr=groups[-1]["base"], momentum=0.9, weight_decay=0.0)
     loader = common.build_loader(train_set, batch_size, common.DistInfo(device=device), workers,
-                                 shuffle=True, drop_last=False, seed=seed)
-    total, step = epochs * len(loader), 0
+                                 shuffle=True, drop_last=drop_last, seed=seed)
+    total = epochs * len(loader)
+    progress = common.Progress(tag, total, "steps")  # progress.done: the steps taken, the schedule's clock
     for epoch in range(epochs):
         loader.set_epoch(epoch)
         t0, loss_sum = time.perf_counter(), 0.0
         for x, y in loader:
+            t = progress.done
             for group in opt.param_groups:
-                group["lr"] = _step_lr(schedule, lr, step, total)
-            with torch.no_grad(), common.autocast(device, precision):
-                h = backbone(x.to(device, non_blocking=True))
-            loss = F.cross_entropy(head(h.float()), y.to(device))
+                group["lr"] = (common.cosine_schedule(t, total, group["base"]) if schedule == "cosine" else
+                               group["base"] * 0.1 ** ((t >= 0.6 * total) + (t >= 0.8 * total)))
+            with common.autocast(device, precision):
+                logits = model(x.to(device, non_blocking=True))
+            loss = F.cross_entropy(logits.float(), y.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             loss_sum += loss.detach()
-            step += 1
-        log(f"linear-aug epoch {epoch + 1}/{epochs} loss {float(loss_sum) / len(loader):.4f} "
+            progress.update()
+        log(f"{tag} epoch {epoch + 1}/{epochs} loss {float(loss_sum) / len(loader):.4f} "
             f"({time.perf_counter() - t0:.1f} s)")
-    return _eval_head(head, test_x, test_y, device)
 
 
 def label_subset(targets, fraction=0.0, split_file=None, names=None, seed=0):
@@ -391,29 +362,22 @@ def label_subset(targets, fraction=0.0, split_file=None, names=None, seed=0):
     n01440764_10026.JPEG, matched against `names`, the dataset's file names) or one integer index per line.
     Otherwise a class-stratified random subset: round(fraction * n_c) images of every class c, at least 1.
     """
-    if split_file:
+    if split_file:  # a bad line is a common.UsageError (a ValueError): one line on the command line
         lines = [ln.strip() for ln in Path(split_file).read_text().splitlines() if ln.strip()]
-        if all(ln.isdigit() for ln in lines):
-            idx = torch.tensor([int(ln) for ln in lines])
-            if int(idx.max()) >= len(targets):
-                raise ValueError(f"{split_file}: index {int(idx.max())} >= dataset size {len(targets)}")
-            return idx
-        if names is None:
-            raise ValueError(f"{split_file} lists file names but this dataset has no file names; "
-                             f"give one integer index per line instead")
-        where = {Path(n).name: i for i, n in enumerate(names)}
-        missing = [ln for ln in lines if Path(ln).name not in where]
+        digits = all(ln.isdigit() for ln in lines)  # indices, else file names matched by their base name
+        keys = [int(ln) if digits else Path(ln).name for ln in lines]
+        where = dict(zip(range(len(targets)), range(len(targets)))) if digits else {
+            Path(n).name: i for i, n in enumerate(names or [])}
+        missing = [ln for ln, k in zip(lines, keys) if k not in where]
         if missing:
-            raise ValueError(f"{split_file}: {len(missing)} of {len(lines)} names are not in the dataset, "
-                             f"e.g. {missing[:3]}")
-        return torch.tensor([where[Path(ln).name] for ln in lines])
+            why = "" if digits or names else ", without file names: give indices"
+            raise common.UsageError(f"{split_file}: {len(missing)} of {len(lines)} lines not in the dataset "
+                                    f"({len(targets)} images{why}), e.g. {missing[:3]}")
+        return torch.tensor([where[k] for k in keys])
     g = torch.Generator().manual_seed(seed)
-    picks = []
-    for c in targets.unique().tolist():
-        members = (targets == c).nonzero().squeeze(1)
-        n = max(1, round(fraction * len(members)))
-        picks.append(members[torch.randperm(len(members), generator=g)[:n]])
-    return torch.cat(picks).sort().values
+    members = [(targets == c).nonzero().squeeze(1) for c in targets.unique().tolist()]
+    return torch.cat([m[torch.randperm(len(m), generator=g)[:max(1, round(fraction * len(m)))]]
+                      for m in members]).sort().values
 
 
 def finetune(backbone, train_set, test_loader, num_classes, epochs=50, lr_backbone=8e-5, lr_head=1.0,
@@ -424,36 +388,17 @@ def finetune(backbone, train_set, test_loader, num_classes, epochs=50, lr_backbo
     head 1.0 / 0.2 for 1% / 10% of ImageNet; ReSA: 20 epochs, cosine, backbone 2e-4). Evaluated on
     the un-augmented test loader through the fine-tuned backbone. Returns {"top1", "top5"} %.
     """
-    device = torch.device(device)
-    backbone = backbone.to(device)
+    device, backbone = torch.device(device), backbone.to(device)
     D = int(getattr(backbone, "feature_dim", 0)) or backbone(next(iter(test_loader))[0][:2].to(device)).shape[1]
     head = _init_head(D, num_classes, device)
     groups = [{"params": list(backbone.parameters()), "base": lr_backbone},
               {"params": list(head.parameters()), "base": lr_head}]
-    opt = torch.optim.SGD(groups, lr=lr_head, momentum=0.9, weight_decay=0.0)
     # Tiny labelled subsets (1% of a small set) can be smaller than a batch: keep the partial batch.
     batch_size = min(batch_size, len(train_set))
-    loader = common.build_loader(train_set, batch_size, common.DistInfo(device=device), workers,
-                                 shuffle=True, drop_last=len(train_set) > batch_size, seed=seed)
-    total, step = epochs * len(loader), 0
-    for epoch in range(epochs):
-        loader.set_epoch(epoch)
-        backbone.train()
-        loss_sum = 0.0
-        for x, y in loader:
-            for group in opt.param_groups:
-                group["lr"] = common.cosine_schedule(step, total, group["base"])
-            with common.autocast(device, precision):  # bf16 needs no GradScaler
-                logits = head(backbone(x.to(device, non_blocking=True)).float())
-            loss = F.cross_entropy(logits.float(), y.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach()
-            step += 1
-        log(f"finetune epoch {epoch + 1}/{epochs} loss {float(loss_sum) / len(loader):.4f}")
-    x, y = common.extract_features(nn.Sequential(backbone, head), test_loader, device, precision)
-    return _eval_head(nn.Identity(), x, y, "cpu")
+    _sgd_epochs("finetune", nn.Sequential(backbone.train(), head), groups, train_set, batch_size,
+                len(train_set) > batch_size, "cosine", epochs, workers, seed, log, device, precision)
+    logits = common.extract_features(nn.Sequential(backbone, head), test_loader, device, precision)
+    return _eval_head(nn.Identity(), *logits, "cpu")
 
 
 # =====================================================================================================
@@ -461,19 +406,18 @@ def finetune(backbone, train_set, test_loader, num_classes, epochs=50, lr_backbo
 # =====================================================================================================
 
 PROBES = ("knn", "linear", "fewshot", "cdnv")
-FIELDS = "checkpoint epoch method features dataset precision probe metric shots value std".split()  # columns
+# columns; unit: "%" (accuracies, errors, bounds) or "ratio" (CDNVs), so pandas reads value as numbers
+FIELDS = "checkpoint epoch method features dataset precision probe metric shots value std unit".split()
 KEY = ("checkpoint", "features", "dataset", "precision", "probe", "metric", "shots")  # a row's identity
 
 
-class _ProbeList(str):
+def _probe_list(text):
     """The type of --probes: a comma list of PROBES, normalised to "a,b". A bad item is an ArgumentTypeError,
     which common.parse_args turns into one `error: argument --probes: ...` line (exit 2) before any work."""
-
-    def __new__(cls, text):
-        names = [p.strip() for p in text.split(",") if p.strip()]
-        if not names or set(names) - set(PROBES):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of {','.join(PROBES)}")
-        return super().__new__(cls, ",".join(names))
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    if not names or set(names) - set(PROBES):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of {','.join(PROBES)}")
+    return ",".join(names)
 
 
 def _f(default, help, **check):
@@ -491,7 +435,7 @@ class Args:
     mode: str = _f("probe", "probe: the feature probes of --probes; linear-aug: ImageNet linear protocol "
                    "(frozen backbone); finetune: semi-supervised; bench: time the probes on synthetic "
                    "features", choices=("probe", "linear-aug", "finetune", "bench"))
-    probes: _ProbeList = _f(_ProbeList(",".join(PROBES)), "comma list of " + ",".join(PROBES))
+    probes: _probe_list = _f(",".join(PROBES), "comma list of " + ",".join(PROBES))
     features: str = _f("backbone", "backbone: the evaluation encoder's h (ReSA, ExCB); projector: the stored "
                        "projector's z (NSCL's few-shot numbers)", choices=("backbone", "projector"))
     dataset: str = _f("", "probe on this dataset, not the pretraining one (transfer: e.g. cifar100 for "
@@ -500,7 +444,8 @@ class Args:
     download: bool = _f(False, "download a missing transfer dataset")
     max_train: int = _f(0, "class-stratified subset of the train split (0 = all)", range=_GE0)
     max_test: int = _f(0, "class-stratified subset of the test split (0 = all)", range=_GE0)
-    out_dir: str = _f("", "where probe.csv/json and the PNGs go (default: the run directory)")
+    out_dir: str = _f("", "where probe.csv/json, the PNGs and the feature cache go (default: the run dir)")
+    skip_damaged: bool = _f(False, "skip unreadable (damaged, empty) checkpoints with a warning, not stop")
     device: str = _f("auto", "auto: cuda when available", choices=("auto", "cpu", "cuda"))
     # --- k-NN ---
     knn_k: int = _f(20, "neighbours of the weighted cosine k-NN (DINO, ExCB: 20)", range=_GE1)
@@ -518,7 +463,8 @@ class Args:
     split_file: str = _f("", "finetune: SimCLR split file (image file names or indices, one per line)")
     lr_backbone: float = _f(0.0, "finetune's backbone lr; 0: 8e-5 at <= 5%% labels, else 3e-4", range=_GE0)
     # --- few-shot (NSCL) ---
-    shots: tuple[int, ...] = _f((1, 5, 10, 20, 50, 100, 200, 500), "images per class, N", range=_GE1)
+    shots: tuple[int, ...] = _f((1, 5, 10, 20, 50, 100, 200, 500), "images per class, N (default: those the "
+                                "smallest train class allows)", range=_GE1)
     repeats: int = _f(5, "fresh N-shot samples per N (NSCL: 5)", range=_GE1)
     fewshot_epochs: int = _f(100, "epochs of the few-shot linear probe (NSCL CIFAR: 100)", range=_GE1)
     fewshot_lr: float = _f(3e-4, "Adam lr of the few-shot linear probe (NSCL)", range=_POS)
@@ -529,7 +475,7 @@ class Args:
                         choices=("fp32", "bf16"))
     workers: int = _f(0, "data-loading workers", range=_GE0)
     seed: int = _f(0, "seed of every probe's sampling and initialisation")
-    cache: bool = _f(True, "reuse RUN_DIR/features/*.pt when not older than the checkpoint")
+    cache: bool = _f(True, "reuse OUT_DIR/features/*.pt when not older than the checkpoint")
     plots: bool = _f(True, "write the PNGs")
 
 
@@ -550,15 +496,11 @@ def _features(args, path, ckpt, split, device, cache_dir):
                                     limit, args.dataset or None)
         x, y = common.extract_features(model.to(device), loader, device, args.precision)
         if args.cache:
-            common.save_checkpoint(cache, {"x": x, "y": y})  # only for its atomic write: not a checkpoint
+            _atomic(cache, lambda f: torch.save({"x": x, "y": y}, f))
     kind = args.features if args.mode == "probe" else "backbone"  # linear-aug: the frozen backbone's
-    if kind == "projector":
+    if kind == "projector":  # its presence checked by _preflight
         heads = common.load_heads(ckpt)
-        if "projector" not in heads:
-            raise common.CheckpointError(f"{path} stores no projector head (heads: "
-                                         f"{sorted(heads) or 'none'}); use --features backbone")
-        with torch.no_grad():
-            x = heads["projector"].eval()(x)
+        x = heads["projector"].eval().requires_grad_(False)(x)
         x = F.normalize(x, dim=1) if heads.get("normalize_output") else x
     common.print0(f"  {kind} features {split} {tuple(x.shape)} "
                   f"({'cached' if hit else f'{time.perf_counter() - t:.1f} s'})")
@@ -567,13 +509,17 @@ def _features(args, path, ckpt, split, device, cache_dir):
 
 def _run_probes(args, trx, try_, tex, tey, device, eval_train=True):
     """The probes of --probes on (train, test) features, each timed on the console -> rows {probe, metric,
-    value, std, shots}. eval_train: the few-shot probes are also scored on the train split."""
+    value, std, shots}. eval_train: the few-shot probes are also scored on the train split. --shots given
+    above the smallest train class are a usage error before any probe (default shots above it: skipped)."""
     trx, try_, tex, tey = (v.to(device) for v in (trx, try_, tex, tey))
-    C, out = _num_classes(try_, tey), []
+    C, out, smallest = int(max(try_.max(), tey.max())) + 1, [], int(try_.unique(return_counts=True)[1].min())
+    if "fewshot" in args.probes and max(args.shots) > smallest and args.shots != Args.shots:
+        where = f"--max-train {args.max_train} subset" if args.max_train else "train split"
+        raise common.UsageError(f"argument --shots: {max(args.shots)} is more than the {smallest} images of "
+                                f"the smallest class in the {where}; use at most {smallest}")
 
     def add(probe, metric, value, std=None, shots=None):
         out.append({"probe": probe, "metric": metric, "value": value, "std": std, "shots": shots})
-
     for name in (p for p in ("knn", "linear", "cdnv", "fewshot") if p in args.probes.split(",")):
         t = time.perf_counter()
         if name == "knn":
@@ -581,10 +527,9 @@ def _run_probes(args, trx, try_, tex, tey, device, eval_train=True):
                                  (args.knn_euclid_k, 0.07, "euclidean")):
                 add("knn", f"top1_{metric}_k{k}", common.knn_accuracy(trx, try_, tex, tey, k, T, metric, C))
         elif name == "linear":
-            r = linear_probe(trx, try_, tex, tey, C, epochs=args.epochs or 500, lr=args.lr or 1e-2,
-                             batch_size=args.batch_size or 1000, seed=args.seed, device=device)
-            for m in ("top1", "top5"):
-                add("linear", m, r[m])
+            for m, v in linear_probe(trx, try_, tex, tey, C, args.epochs or 500, args.lr or 1e-2,
+                                     batch_size=args.batch_size or 1000, seed=args.seed, device=device).items():
+                add("linear", m, v)
         elif name == "cdnv":
             for split, x, y in (("train", trx, try_), ("test", tex, tey)):
                 add("cdnv", f"cdnv_{split}", cdnv(x, y))
@@ -636,66 +581,81 @@ def _train_rows(args, path, ckpt, meta, device, cache_dir):
         test_loader = common.eval_loader(meta, "test", args.data_dir or None, args.eval_batch_size,
                                          args.workers, args.max_test, args.dataset or None)
         lr_backbone, lr_head = args.lr_backbone or (8e-5 if low else 3e-4), args.lr or (1.0 if low else 0.2)
-        labelled = torch.utils.data.Subset(train_set, idx.tolist())
-        r = finetune(model, labelled, test_loader, C, args.epochs or 50, lr_backbone, lr_head,
-                     args.batch_size or 512, device, args.workers, args.seed, log, args.precision)
+        r = finetune(model, torch.utils.data.Subset(train_set, idx.tolist()), test_loader, C,
+                     args.epochs or 50, lr_backbone, lr_head, args.batch_size or 512, device, args.workers,
+                     args.seed, log, args.precision)
     return [{"probe": tag, "metric": m, "value": r[m]} for m in ("top1", "top5")]
 
 
 def _write_results(out_dir, rows):
     """Merge rows into out_dir/probe.csv and probe.json -> every row, as text: a row replaces an earlier one
-    with the same KEY; rows of other probes, checkpoints, features or datasets are kept."""
+    with the same KEY; rows of other probes, checkpoints, features or datasets are kept. A probe.csv of an
+    older version (no unit column) merges too: every row's unit follows from its probe."""
     path = Path(out_dir) / "probe.csv"
     text = [{c: "" if r.get(c) is None else str(r[c]) for c in FIELDS} for r in rows]  # as the CSV holds them
     if path.is_file():
         with open(path, newline="") as f:
             text = [{c: r.get(c) or "" for c in FIELDS} for r in csv.DictReader(f)] + text
     order = ("checkpoint", "features", "dataset", "probe", "metric")  # after the epoch, before the shots
-    final = sorted({tuple(r[k] for k in KEY): r for r in text}.values(),  # the last row of each KEY
+    final = sorted(({**r, "unit": "ratio" if r["probe"] == "cdnv" else "%"}  # the last row of each KEY
+                    for r in {tuple(r[k] for k in KEY): r for r in text}.values()),
                    key=lambda r: (float(r["epoch"]), *(r[k] for k in order), float(r["shots"] or 0)))
-    common.write_csv(path, final, FIELDS)
-    js = [{**r, "epoch": int(float(r["epoch"])), "value": float(r["value"]) if r["value"] else None,
-           "std": float(r["std"]) if r["std"] else None, "shots": int(r["shots"]) if r["shots"] else None}
-          for r in final]
-    (Path(out_dir) / "probe.json").write_text(json.dumps(js, indent=1))
+    _atomic(path, lambda f: common.write_csv(f, final, FIELDS))  # (atomic itself; _atomic: the failure line)
+    num = {"epoch": int, "value": float, "std": float, "shots": int}
+    js = [{k: (num[k](float(v)) if v else None) if k in num else v for k, v in r.items()} for r in final]
+    _atomic(Path(out_dir) / "probe.json", lambda f: f.write_text(json.dumps(js, indent=1)))
     return final
+
+
+def _atomic(path, write):
+    """write(tmp), then os.replace(tmp, path). A failed write (a full disk) removes the temporary files,
+    leaves the previous file at path intact and ends the run with one line naming it (exit 1)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        for t in path.parent.glob(f".*{path.name}.tmp{os.getpid()}*"):  # ours and common.write_csv's
+            t.unlink()
+        why = e.strerror if isinstance(e, OSError) else "torch.save failed: is the disk full?"
+        sys.exit(f"error: cannot write {path} ({why}); any previous version is intact: free space or pass "
+                 f"--out-dir DIR{' or --no-cache' if path.suffix == '.pt' else ''}")
 
 
 def _print_table(rows):
     """One line per checkpoint with the headline metrics, then the few-shot table of the last one."""
-    cols, by_ckpt = {}, {}  # the columns in first-seen order (keys); (epoch, checkpoint) -> {column: value}
-    for r in (r for r in rows if not r["shots"]):
+    def show(head, table, width):  # {row label: {column: text}}, the columns in first-seen order
+        cols = list(dict.fromkeys(c for vals in table.values() for c in vals))
+        for label, vals in [(head, dict(zip(cols, cols)))] + list(table.items()):
+            print(f"{label:<30} " + " ".join(f"{vals.get(c, '-'):>{width}}" for c in cols))
+    main, fs = {}, [r for r in rows if r["probe"] == "fewshot"]
+    for r in (r for r in rows if not r["shots"]):  # rows come sorted by epoch and checkpoint
         col = f"{r['probe']}/{r['metric']}".replace("top1_", "").replace("cosine_", "cos_").replace(
             "euclidean_", "euc_")
-        cols[col] = by_ckpt.setdefault((int(float(r["epoch"])), r["checkpoint"]), {})[col] = r["value"]
-    if cols:
-        print(f"{'checkpoint':<24}{'epoch':>6} " + " ".join(f"{c:>16}" for c in cols))
-        for (epoch, name), vals in sorted(by_ckpt.items()):
-            print(f"{name[:24]:<24}{epoch:>6} " + " ".join(
-                f"{float(vals[c]):>16.4g}" if c in vals else f"{'-':>16}" for c in cols))
-    fs = [r for r in rows if r["probe"] == "fewshot"]
+        label = f"{r['checkpoint'][:23]:<23} {int(float(r['epoch'])):>6}"
+        main.setdefault(label, {})[col] = f"{float(r['value']):.4g}"
+    if main:
+        show(f"{'checkpoint':<23} {'epoch':>6}", main, 16)
     if fs:
         last = max(fs, key=lambda r: (float(r["epoch"]), r["checkpoint"]))["checkpoint"]
-        # train-split few-shot accuracies go to the CSV only
-        fs = [r for r in fs if r["checkpoint"] == last and not r["metric"].endswith("_train")]
-        metrics = list(dict.fromkeys(r["metric"] for r in fs))
-        print(f"\nfew-shot, {last} (test accuracy / error %, mean +- std over repeats; bound: NSCL Prop. 1)")
-        print(f"{'N':>5} " + " ".join(f"{m:>20}" for m in metrics))
-        table = {}
-        for r in fs:
+        table, fs = {}, [r for r in fs if r["checkpoint"] == last and not r["metric"].endswith("_train")]
+        for r in sorted(fs, key=lambda r: float(r["shots"])):  # train-split accuracies: in the CSV only
             std = f" +-{float(r['std']):.1f}" if r["std"] else ""
-            table.setdefault(int(float(r["shots"])), {})[r["metric"]] = f"{float(r['value']):.2f}{std}"
-        for n in sorted(table):
-            print(f"{n:>5} " + " ".join(f"{table[n].get(m, '-'):>20}" for m in metrics))
+            table.setdefault(f"{int(float(r['shots'])):>5}", {})[r["metric"]] = f"{float(r['value']):.2f}{std}"
+        print(f"\nfew-shot, {last} (test accuracy / error %, mean +- std over repeats; bound: NSCL Prop. 1)")
+        show(f"{'N':>5}", table, 20)
 
 
-def _plots(out_dir, rows, features):
+def _plots(out_dir, rows, features, run):
     """probe_epoch_<features>.png: top-1 of every probe and the 1-/5-shot accuracies against the epoch (with
     several checkpoints); probe_fewshot_<ckpt>_<features>.png: the last checkpoint's few-shot accuracy and
-    2-way error beside the NSCL bound, against N. -> the paths written."""
+    2-way error beside the NSCL bound, against N. Titled with the run (directory name) and the method,
+    legends beside the axes (never on the data). -> the paths written."""
     from matplotlib.figure import Figure  # no pyplot: no backend, no window, nothing to close
+    from matplotlib.ticker import MaxNLocator
 
     rows, figs, series = [r for r in rows if r["features"] == features], {}, {}  # figs: file name -> figure
+    title = f"{run} ({'/'.join(sorted({r['method'] for r in rows}))}, {features} features)"
     for r in rows:  # series: curve -> {epoch: value}
         p, m, epoch = r["probe"], r["metric"], int(float(r["epoch"]))
         if (p in ("knn", "linear", "linear_aug") or p.startswith("finetune")) and m.startswith("top1"):
@@ -703,32 +663,37 @@ def _plots(out_dir, rows, features):
         elif p == "fewshot" and m in ("nccc_test", "linear_test") and r["shots"] in ("1", "5"):
             series.setdefault(f"{m.split('_')[0]} {r['shots']}-shot", {})[epoch] = float(r["value"])
     if len({int(float(r["epoch"])) for r in rows}) > 1 and series:
-        ax = Figure(figsize=(6, 4)).subplots()
+        ax = Figure(figsize=(8, 4)).subplots()
         for name, pts in series.items():
-            ax.plot(sorted(pts), [pts[e] for e in sorted(pts)], marker="o", label=name)
-        ax.set(xlabel="epoch", ylabel="test accuracy (%)")
+            ax.plot(*zip(*sorted(pts.items())), marker="o", label=name)
+        ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"{title}: probes against the epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         figs[f"probe_epoch_{features}.png"] = ax.figure
     fs = [r for r in rows if r["probe"] == "fewshot"]
     if fs:
         last = max(fs, key=lambda r: (float(r["epoch"]), r["checkpoint"]))["checkpoint"]
-        a1, a2 = Figure(figsize=(10, 4)).subplots(1, 2)
-        for m, ax in (("nccc_test", a1), ("linear_test", a1), ("nccc_2way_err_test", a2), ("bound_2way", a2)):
-            pts = sorted((int(float(r["shots"])), float(r["value"]), float(r["std"] or 0)) for r in fs
-                         if r["checkpoint"] == last and r["metric"] == m)
-            if pts:
-                n, v, s = zip(*pts)
-                ax.errorbar(n, v, yerr=s, marker="o", capsize=2, label=m)
-        a2.axhline(100, color="grey", ls="--", lw=1)  # a bound above 100 % says nothing
-        a1.set(xscale="log", xlabel="shots per class N", ylabel="test accuracy (%)")
-        a2.set(xscale="log", xlabel="shots per class N", ylabel="2-way error (%)", yscale="log")
-        a1.figure.suptitle(f"{last} ({features}): few-shot probes and the NSCL bound (Prop. 1)", fontsize=9)
-        figs[f"probe_fewshot_{Path(last).stem}_{features}.png"] = a1.figure
+        fs = [r for r in fs if r["checkpoint"] == last]
+        shots, axes = sorted({int(float(r["shots"])) for r in fs}), Figure(figsize=(12, 4)).subplots(1, 2)
+        panels = ((("nccc_test", "linear_test"), "test accuracy (%)", "linear"),
+                  (("nccc_2way_err_test", "bound_2way"), "2-way error (%)", "log"))
+        for ax, (metrics, unit, yscale) in zip(axes, panels):
+            for m in metrics:
+                pts = sorted((int(float(r["shots"])), float(r["value"]), float(r["std"] or 0)) for r in fs
+                             if r["metric"] == m)
+                if pts:
+                    ax.errorbar(*zip(*pts), marker="o", capsize=2, label=m)
+            ax.set(xscale="log", xlabel="shots per class N", ylabel=unit, yscale=yscale)
+            ax.set_xticks(shots, [str(n) for n in shots])  # the N probed, not powers of ten
+            ax.set_xticks([], minor=True)
+        axes[1].axhline(100, color="grey", ls="--", lw=1, label="100 % (a bound above says nothing)")
+        ax.figure.suptitle(f"{title}: few-shot probes of {last} and the NSCL bound (Prop. 1)", fontsize=10)
+        figs[f"probe_fewshot_{Path(last).stem}_{features}.png"] = ax.figure
     for name, fig in figs.items():
         for ax in fig.axes:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: covers no point
             ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(Path(out_dir) / name, dpi=120)
+        _atomic(Path(out_dir) / name, lambda f: fig.savefig(f, dpi=120, format="png"))
     return [Path(out_dir) / name for name in figs]
 
 
@@ -742,16 +707,15 @@ def main(argv=None):
         return bench(args, device)
     if not args.path:
         raise common.UsageError("give a checkpoint file or run directory: python probe.py RUN_DIR [flags]")
-    run_dir = common.run_dir_of(args.path)
-    out_dir, cache_dir = Path(args.out_dir or run_dir), run_dir / "features"
+    out_dir = Path(args.out_dir or common.run_dir_of(args.path))  # all it writes goes below, the cache too
+    cache_dir = out_dir / "features"
+    metas = _preflight(args, common.list_checkpoints(args.path), out_dir)  # list_checkpoints: names only
     features = args.features if args.mode == "probe" else "backbone"
     if features != args.features:
         common.print0("note: linear-aug and finetune train on the backbone; --features ignored")
-    rows, t_all = [], time.perf_counter()
-    for path in common.list_checkpoints(args.path):
-        ckpt = common.load_checkpoint(path)
-        meta = common.checkpoint_meta(ckpt, path)
-        dataset = args.dataset or meta["data"]["dataset"]
+    rows, t_all, progress = [], time.perf_counter(), common.Progress("checkpoints", len(metas), "checkpoints")
+    for path, meta in metas.items():
+        ckpt, dataset = common.load_checkpoint(path), args.dataset or meta["data"]["dataset"]
         common.print0(f"{path.name}: {meta['method']} epoch {meta['epoch']}, {features} features, {dataset}")
         results = (_run_probes(args, *_features(args, path, ckpt, "train", device, cache_dir),
                                *_features(args, path, ckpt, "test", device, cache_dir), device)
@@ -759,14 +723,51 @@ def main(argv=None):
         rows += [{"checkpoint": path.name, "epoch": meta["epoch"], "method": meta["method"],
                   "features": features, "dataset": dataset, "precision": args.precision, **r}
                  for r in results]
-    final = _write_results(out_dir, rows)
+        progress.update()
+    final = _write_results(out_dir, rows)  # each file written whole or not at all (_atomic)
+    plots = _plots(out_dir, [r for r in final if r["dataset"] == rows[0]["dataset"]], features,
+                   common.run_dir_of(args.path).resolve().name) if args.plots else []
     _print_table([r for r in final if (r["checkpoint"], r["features"], r["dataset"]) in
                   {(x["checkpoint"], x["features"], x["dataset"]) for x in rows}])
-    if args.plots:
-        for p in _plots(out_dir, [r for r in final if r["dataset"] == rows[0]["dataset"]], features):
-            common.print0(f"wrote {p}")
-    common.print0(f"wrote {out_dir / 'probe.csv'} and probe.json ({len(rows)} rows, "
-                  f"{time.perf_counter() - t_all:.1f} s)")
+    common.print0("".join(f"wrote {p}\n" for p in plots) + f"wrote {out_dir / 'probe.csv'} and probe.json "
+                  f"({len(rows)} rows, {time.perf_counter() - t_all:.1f} s)")
+
+
+def _preflight(args, paths, out_dir):
+    """What can fail, checked before any work -> {path: metadata} of the readable checkpoints. Every checkpoint
+    read and fitted: a damaged or empty one stops the run naming it and --skip-damaged, or with it is skipped.
+    --max-train / --max-test larger than their split (opened, not read): a usage error. An unwritable output
+    (read-only, under a file, a parent that cannot be made): one line (exit 1). Nothing is written before."""
+    metas = {}
+    for p in paths:
+        try:  # an empty file said plainly (torch raises an EOFError without a message)
+            if p.stat().st_size == 0:
+                raise common.CheckpointError(f"{p} is empty (0 bytes): an interrupted save or copy")
+            meta = common.load_backbone(common.load_checkpoint(p))[1]
+            if args.mode == "probe" and args.features == "projector" and "projector" not in meta["heads"]:
+                raise common.CheckpointError(f"{p} stores no projector head (heads: {meta['heads'] or 'none'}"
+                                             f"); use --features backbone")
+            metas[p] = meta
+        except common.CheckpointError as e:
+            if not args.skip_damaged:  # the flag named when there are others to probe
+                raise common.CheckpointError(f"{e}" + "; or pass --skip-damaged to probe the others"
+                                             * (len(paths) > 1)) from None
+            print(f"warning: {e}; skipped (--skip-damaged)", file=sys.stderr, flush=True)
+    if not metas:
+        raise common.CheckpointError(f"no readable checkpoint among the {len(paths)} files given")
+    meta = next(iter(metas.values()))  # the checkpoints of a run share their data
+    for flag, split, n in (("--max-train", "train", args.max_train), ("--max-test", "test", args.max_test)):
+        ds = n and common.eval_loader(meta, split, args.data_dir or None, dataset=args.dataset or None).dataset
+        if n > len(ds or ()):
+            raise common.UsageError(f"argument {flag}: {n} is more than the {len(ds)} images of the {ds.name} "
+                                    f"{split} split; use at most {len(ds)} (0 = all)")
+    try:
+        (out_dir / "features" if args.cache else out_dir).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as e:
+        sys.exit(f"error: cannot write to {out_dir} ({e.strerror or e}); pass --out-dir DIR, a writable "
+                 f"directory (probe.csv, probe.json, the PNGs and the feature cache go there)")
+    return metas
 
 
 # ----- speed benchmark: `python probe.py --mode bench` ------------------------------------------------
@@ -789,7 +790,6 @@ def bench(args, device, n_train=50000, n_test=10000, dim=512, classes=10):
     _print_table([{"checkpoint": "synthetic", "epoch": 0, **r} for r in rows])
     if "linear" in args.probes.split(","):
         from sklearn.linear_model import LogisticRegression
-
         t = time.perf_counter()
         clf = LogisticRegression(max_iter=1000).fit(feats[0].numpy(), feats[1].numpy())
         print(f"sklearn LogisticRegression (lbfgs, C=1): {time.perf_counter() - t:.1f} s, top-1 "
