@@ -31,7 +31,6 @@ Measured (CPU, 2 cores shared with ~5 other jobs, torch 2.14.1, seed 123; detail
     CIFAR-10 JPEG, 5,000-image subset, convnet, 3 epochs (561 s): k-NN 33.1 -> 37.6 %; gap 0.104 -> 0.119.
     GPU presets: unmeasured (no GPU in this session).
 """
-import argparse
 import math
 import sys
 import time
@@ -43,6 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 
 import common
 
@@ -537,17 +537,10 @@ def _load_encoder(path, device):
     return nn.Sequential(backbone, common.load_heads(path)["projector"]).to(device), meta
 
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def plot_fig2(rows, bound, path, title):
     """Fig. 2 (top) of the paper: NT-Xent and NSCL over training next to NSCL + bound; right: the gap."""
-    plt = _plt()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))  # matplotlib's object API: no pyplot state, no backend to pick
+    ax1, ax2 = fig.subplots(1, 2)
     epochs = [r["epoch"] for r in rows]
     for split, style in (("train", "-"), ("test", "--")):
         if f"{split}_gap" not in rows[0]:
@@ -559,24 +552,23 @@ def plot_fig2(rows, bound, path, title):
         ax2.plot(epochs, col("gap"), "C3" + style, marker=".", label=f"NT-Xent - NSCL ({split})")
     ax2.axhline(bound, color="k", ls=":", label=f"Thm. 1: log(1 + e^2/(C-1)) = {bound:.3f}")
     ax2.set_ylim(bottom=0)
-    for ax, ylabel in ((ax1, "loss at tau = 1"), (ax2, "gap")):
-        ax.set_xscale("symlog", linthresh=1)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8)
+    for ax, ylabel in ((ax1, "loss at tau = 1 (nats)"), (ax2, "gap NT-Xent - NSCL (nats)")):
+        ax.set(xscale="symlog", xlabel="epoch (symlog)", ylabel=ylabel)
+        ax.xaxis.set_major_formatter(lambda v, _: f"{v:g}")  # whole epochs: 0, 1, 10, 100
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0, -0.15), ncol=2)  # below: covers no curve
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
 def eval_gap(argv):
     """`python simclr_nscl.py eval-gap RUN_DIR [RUN_DIR ...]`: Thm. 1 over training -> losses.csv, fig2.png."""
-    p = argparse.ArgumentParser(prog="simclr_nscl.py eval-gap", description=eval_gap.__doc__)
+    p = common.ArgParser(prog="simclr_nscl.py eval-gap", description=eval_gap.__doc__)  # errors: one line
     p.add_argument("runs", nargs="+", help="run directories (every *.pt in epoch order) or checkpoint files")
-    p.add_argument("--batch-size", type=int, default=0, help="evaluation batch B (0 = the run's training batch)")
-    p.add_argument("--splits", nargs="+", default=["train", "test"])
-    p.add_argument("--subset", type=int, default=0, help="class-stratified subset per split (0 = all, the paper)")
+    p.add_argument("--batch-size", type=common.ranged(int, "[0, inf)"), default=0,
+                   help="evaluation batch B (0 = the run's training batch)")
+    p.add_argument("--splits", nargs="+", default=["train", "test"], choices=("train", "test"))
+    p.add_argument("--subset", type=common.ranged(int, "[0, inf)"), default=0,
+                   help="class-stratified subset per split (0 = all, the paper)")
     p.add_argument("--data-dir", default=None, help="override the data directory stored in the checkpoints")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0, help="fixes the views and batches (shared by all checkpoints)")
@@ -586,7 +578,8 @@ def eval_gap(argv):
     device, curves = common.select_device(), []
     for run in a.runs:
         paths, rows, loaders = common.list_checkpoints(run), [], {}
-        out_dir = Path(run) if Path(run).is_dir() else Path(run).parent
+        out_dir, progress = common.check_writable(common.run_dir_of(run)), common.Progress("eval-gap", len(paths),
+                                                                                            "checkpoints")
         for path in paths:
             encoder, meta = _load_encoder(path, device)
             B = a.batch_size or meta["args"]["batch_size"]
@@ -602,31 +595,34 @@ def eval_gap(argv):
             rows.append(row)
             common.print0(f"{path.name}: " + " ".join(f"{k} {v:.4f}" for k, v in row.items()
                                                        if k.endswith(("ntxent", "nscl", "gap"))))
+            progress.update()
         common.write_csv(out_dir / "losses.csv", rows, list(rows[0]))
         plot_fig2(rows, rows[0]["bound"], out_dir / "fig2.png",
-                  f"{meta['args']['loss']} on {meta['data']['dataset']}, B = {B}, C = {C}")
+                  f"{out_dir.name} ({meta['method']}, --loss {meta['args']['loss']}) on {meta['data']['dataset']}: "
+                  f"Thm. 1 over training, B = {B}, C = {C}")
         common.print0(f"wrote {out_dir / 'losses.csv'} and {out_dir / 'fig2.png'}")
         curves.append((f"trained with {meta['args']['loss']}", rows))
     if a.compare:  # Fig. 2 (bottom): NSCL loss of a CL-trained vs an NSCL-trained model
-        plt = _plt()
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig = Figure(figsize=(6, 4))
+        ax = fig.subplots()
         for label, rows in curves:
             ax.plot([r["epoch"] for r in rows], [r[f"{a.splits[0]}_nscl"] for r in rows], marker=".", label=label)
-        ax.set(xscale="symlog", xlabel="epoch", ylabel=f"NSCL loss at tau = 1 ({a.splits[0]})")
+        ax.set(xscale="symlog", xlabel="epoch (symlog)", ylabel=f"NSCL loss at tau = 1, nats ({a.splits[0]})",
+               title=f"NSCL loss of {', '.join(common.run_dir_of(r).name for r in a.runs)} (Fig. 2 bottom)")
+        ax.xaxis.set_major_formatter(lambda v, _: f"{v:g}")
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(a.compare, dpi=120)
+        fig.savefig(a.compare, dpi=120, bbox_inches="tight")
 
 
 def gap_vs_classes(argv):
     """`python simclr_nscl.py gap-vs-classes CKPT`: the gap on random C-class subsets of one model (Fig. 3,
     evaluation form; the paper trains one model per C) -> gap_vs_classes.csv / .png next to CKPT."""
-    p = argparse.ArgumentParser(prog="simclr_nscl.py gap-vs-classes", description=gap_vs_classes.__doc__)
+    p = common.ArgParser(prog="simclr_nscl.py gap-vs-classes", description=gap_vs_classes.__doc__)
     p.add_argument("checkpoint")
-    p.add_argument("--classes", type=int, nargs="+", default=None,
+    p.add_argument("--classes", type=common.ranged(int, "[2, inf)"), nargs="+", default=None,
                    help="values of C (default: 2 4 6 8 10 50 up to the dataset's C, as the v2 code)")
-    p.add_argument("--repeats", type=int, default=5, help="random class subsets per C")
-    p.add_argument("--split", default="test")
+    p.add_argument("--repeats", type=common.ranged(int, "[1, inf)"), default=5, help="random class subsets per C")
+    p.add_argument("--split", default="test", choices=("train", "test"))
     p.add_argument("--batch-size", type=int, default=0, help="evaluation batch (0 = the run's training batch)")
     p.add_argument("--subset", type=int, default=0)
     p.add_argument("--data-dir", default=None)
@@ -654,20 +650,20 @@ def gap_vs_classes(argv):
         common.print0(" ".join(f"{k} {v:.4g}" for k, v in rows[-1].items()))
     out = Path(a.checkpoint).with_name(f"gap_vs_classes_{Path(a.checkpoint).stem}")
     common.write_csv(out.with_suffix(".csv"), rows, list(rows[0]))
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     Cs = [r["C"] for r in rows]
     ax.errorbar(Cs, [r["gap_mean"] for r in rows], [r["gap_std"] for r in rows], marker="o",
                 label="NT-Xent - NSCL")
     ax.plot(Cs, [r["bound"] for r in rows], "k:", label="Thm. 1: log(1 + e^2/(C-1))")
     ax.plot(Cs, [r["gap_equal_similarity"] for r in rows], "C7--", label="all cosines equal (init)")
-    ax.set(xscale="log", yscale="log", xlabel="number of classes C", ylabel=f"gap at tau = 1 ({a.split})",
-           title=f"epoch {meta['epoch']} of a {meta['args']['loss']} run")
+    ax.set(xscale="log", yscale="log", xlabel="number of classes C", ylabel=f"gap at tau = 1, nats ({a.split})",
+           title=f"{common.run_dir_of(a.checkpoint).name} ({meta['method']}, --loss {meta['args']['loss']}), "
+                 f"epoch {meta['epoch']}: gap vs C (Fig. 3)")
     ax.set_xticks(Cs, [str(c) for c in Cs])
     ax.minorticks_off()
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=120)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1))  # outside: covers no point
+    fig.savefig(out.with_suffix(".png"), dpi=120, bbox_inches="tight")
     common.print0(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.png')}")
 
 
