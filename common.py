@@ -55,6 +55,7 @@ import signal
 import sys
 import time
 import typing
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -700,13 +701,12 @@ build_loader = EpochLoader  # the scripts' name for it; `batch_size` is PER RANK
 # Crop + resize + flip: one torchvision.ops.roi_align per view size over the batch and its mirror image (a
 # flipped crop is the mirrored box's crop of the flipped image). DEVIATION: roi_align is bilinear, averaging
 # ceil(box / out)^2 samples per output pixel when shrinking (a box filter) where resize(antialias=True) uses the
-# triangle (bilinear) or Keys cubic (bicubic: ExCB's official recipe) filter, and a tap at a crop's edge may read
-# the pixel outside it: mean error <= 0.006 on [0, 1] (tests/test_common_device_views.py). Colour jitter, at
-# each of the 4 positions of the images' random orders: a blend (brightness, contrast or saturation) on the
-# images whose op there is one, hue on those whose op is hue; grayscale, blur, solarize on those that draw them.
-# The parameters and these index lists are drawn on the CPU from a generator seeded by (seed, epoch, step, rank)
-# (views are a pure function of those: --resume is exact, mid-epoch too) and shipped in one pinned non_blocking
-# copy per step: no host-device sync.
+# triangle (bilinear) or Keys cubic (bicubic: ExCB's official recipe) filter; a tap at a crop's edge may read the
+# pixel outside it: mean error <= 0.006 on [0, 1] (tests/test_common_device_views.py). Every other op runs on
+# the images that draw it only (colour jitter: at each position of the images' random orders, a blend on those
+# whose op there is brightness, contrast or saturation, hue on those whose op is hue), index lists drawn on the
+# CPU with the parameters from a generator seeded by (seed, epoch, step, rank) (views are a pure function of
+# those: --resume is exact, mid-epoch too) and shipped in one non_blocking copy per step: no host-device sync.
 
 # the crop (rois (n, 5): image index, x1, y1, x2, y2 in pixels) resized to an (h, w) output: the header's DEVIATION
 batch_resized_crop = functools.partial(roi_align, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
@@ -722,27 +722,25 @@ def _gray(x):  # (n, 3, H, W) -> (n, 1, H, W) luma with torchvision's weights, a
 
 
 def batch_blend(x, f, to_mean, to_gray):
-    """ColorJitter's brightness, contrast and saturation per image in one op: each is torchvision's
-    _blend(x, base, f) = clamp(f x + (1 - f) base, 0, 1) with base black, the mean luma or the luma. f (n,) the
-    factor; to_mean, to_gray (n,) 1.0 for contrast, resp. saturation, else 0.0."""
+    """ColorJitter's brightness, contrast or saturation per image, f (n,): torchvision's clamp(f x + (1 - f) base,
+    0, 1), base black, the mean luma (to_mean (n,) = 1.0) or the luma (to_gray (n,) = 1.0)."""
     luma, f, to_mean, to_gray = _gray(x), f.view(-1, 1, 1, 1), to_mean.view(-1, 1, 1, 1), to_gray.view(-1, 1, 1, 1)
     return torch.lerp(torch.addcmul(to_mean * luma.mean((2, 3), keepdim=True), to_gray, luma), x, f).clamp_(0, 1)
 
 
 def batch_hue(x, f):
     """adjust_hue per image, f (n,): RGB -> HSV (torchvision's model), h <- (h + f) mod 1, back. With v = max,
-    c = max - min, s = c / v and h6 = 6 h, each channel is v - v s g(h6), g = clamp(2 - d, 0, 1) with d the
-    distance around the hue circle from h6 to 3 (R), 5 (G), 1 (B): torchvision's v, p, q, t in closed form."""
+    c = max - min = v s and h6 = 6 h, each channel is v - c g(h6), g = clamp(2 - d, 0, 1) with d the distance
+    around the hue circle from h6 to 3 (R), 5 (G), 1 (B): torchvision's v, p, q, t in closed form."""
     v = x.amax(1, keepdim=True)                                                        # (n, 1, H, W)
-    c = v - x.amin(1, keepdim=True)
-    s = c / v.clamp(min=1e-12)          # v = 0 only for black, where c = 0 too: s = 0 as in torchvision
+    c = v - x.amin(1, keepdim=True)     # 0 for grey pixels, which keep their value
     rc, gc, bc = ((v - x) / c.clamp(min=1e-12)).unbind(1)                              # (n, H, W) each
     e_r = (x[:, 0] == v[:, 0]).float()                                                 # ties: R, then G, then B
     e_g = (x[:, 1] == v[:, 0]).float() * (1.0 - e_r)
     h6 = e_r * (bc - gc) + e_g * (rc + 2.0 - bc) + (1.0 - e_r - e_g) * (gc + 4.0 - rc)  # in [-1, 5]
     h6 = torch.remainder(h6 + 6.0 * f.view(-1, 1, 1), 6.0)[:, None]                    # (n, 1, H, W)
     d = (h6 - _const((3.0, 5.0, 1.0), x.device).view(1, 3, 1, 1)).abs_()  # R, G, B lose most at 6 h = 3, 5, 1
-    return (v - (v * s) * (2.0 - torch.minimum(d, 6.0 - d)).clamp_(0.0, 1.0)).clamp_(0.0, 1.0)
+    return (v - c * (2.0 - torch.minimum(d, 6.0 - d)).clamp_(0.0, 1.0)).clamp_(0.0, 1.0)
 
 
 def batch_gaussian_blur(x, kernel_size: int, sigma):
@@ -766,17 +764,19 @@ def batch_normalize(x, mean, std):  # Normalize: (x - mean) / std per channel
 
 def sample_view_params(augs, n: int, image_hw, g: torch.Generator) -> dict:
     """Random parameters of n images of size image_hw = (H, W) under each Augment of augs (one or a list: rows
-    [k n, (k + 1) n) belong to augs[k]), drawn from the CPU generator g with torchvision's distributions -> CPU
-    tensors of V n rows: box (top, left, height, width); flip, jitter, gray, blur, solarize: bool, op applied;
-    order (V n, 4): the colour ops' order (0 brightness, 1 contrast, 2 saturation, 3 hue); factors (V n, 4), the
-    identity (1, 1, 1, 0) for an op without a range; sigma. Every draw is made whatever the probabilities."""
+    [k n, (k + 1) n) belong to augs[k]), from the CPU generator g with torchvision's distributions: box (top,
+    left, height, width); flip, jitter, gray, blur, solarize (bool); order (V n, 4) of the colour ops (0
+    brightness, 1 contrast, 2 saturation, 3 hue), their factors (V n, 4); sigma. Every draw is always made.
+    Plus render_views' inputs: rois (V n, 5) into the n images, then the mirrored ones (n + i); the rows that
+    turn gray, blur (by blur_sigma), solarize, and at each position k of the colour orders blend (blend{k},
+    batch_blend's f{k}, to_mean{k}, to_gray{k}) or shift hue (hue{k} by shift{k})."""
     augs = [augs] if isinstance(augs, Augment) else list(augs)
     (H, W), N = image_hw, len(augs) * n
     per_row = lambda values, dtype=torch.float64: torch.tensor(values, dtype=dtype).repeat_interleave(n, 0)  # noqa
 
-    def uniform(ranges, *shape):  # U(lo, hi) of shape (V n, *shape) with each Augment's (lo, hi)
-        lo, hi = per_row(ranges).view(N, 2, *[1] * len(shape)).unbind(1)
-        return lo + (hi - lo) * torch.rand(N, *shape, generator=g, dtype=torch.float64)
+    def uniform(ranges, k=1):  # U(lo, hi) of shape (V n, k), each Augment's (lo, hi) (or its k pairs as 2 rows)
+        lo, hi = per_row(ranges).view(N, 2, -1).unbind(1)
+        return lo + (hi - lo) * torch.rand(N, k, generator=g, dtype=torch.float64)
 
     # RandomResizedCrop: up to 10 tries of area ~ U(scale) H W and log aspect ~ U(log ratio); the first integer
     # box (round half to even, as Python's round) that fits wins; top and left uniform over the places
@@ -787,7 +787,7 @@ def sample_view_params(augs, n: int, image_hw, g: torch.Generator) -> dict:
     first = fits.long().argmax(1, keepdim=True)  # argmax returns the first of equal maxima: the first fitting try
     w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
     u = torch.rand(N, 2, generator=g, dtype=torch.float64)
-    top, left = (u[:, 0] * (H - h + 1)).floor().long(), (u[:, 1] * (W - w + 1)).floor().long()
+    top, left = (u * torch.stack([H - h + 1, W - w + 1], 1)).floor().long().unbind(1)
     # no try fits: the whole image, cut to the nearest aspect ratio in range, centred (torchvision's fallback)
     fall = [(min(H, round(W / min(a.ratio))), min(W, round(H * max(a.ratio)))) for a in augs]
     fall = per_row([((H - fh) // 2, (W - fw) // 2, fh, fw) for fh, fw in fall], torch.long)
@@ -798,37 +798,27 @@ def sample_view_params(augs, n: int, image_hw, g: torch.Generator) -> dict:
     order = torch.rand(N, 4, generator=g).argsort(1)  # a uniformly random permutation per image, as randperm(4)
     # ColorJitter's own ranges (a number v: (max(0, 1 - v), 1 + v), for hue (-v, v)); an op that is off: identity
     ts = [v2.ColorJitter(*(a.jitter or ())) for a in augs]
-    ranges = torch.tensor([[t.brightness or (1, 1), t.contrast or (1, 1), t.saturation or (1, 1), t.hue or (0, 0)]
-                           for t in ts], dtype=torch.float32)
-    lo, hi = ranges.repeat_interleave(n, 0).unbind(2)                                  # (V n, 4) each
-    factors = lo + (hi - lo) * torch.rand(N, 4, generator=g)
+    factors = uniform([list(zip(t.brightness or (1, 1), t.contrast or (1, 1), t.saturation or (1, 1),
+                                t.hue or (0, 0))) for t in ts], 4).float()
     gray, blur = coin([a.gray_p for a in augs]), coin([a.blur_p for a in augs])
-    sigma, solarize = uniform([a.blur_sigma for a in augs]).float(), coin([a.solarize_p for a in augs])
-    return {"box": box, "flip": flip, "jitter": jitter, "order": order, "factors": factors, "gray": gray,
-            "blur": blur, "sigma": sigma, "solarize": solarize}
-
-
-def _plan(p: dict, n: int, image_w: int) -> dict:
-    """sample_view_params' draws of V n rows (n images image_w px wide) -> render_views' CPU tensors: rois
-    (V n, 5) into the images then their mirror images; the rows that turn gray, blur (their sigma), solarize; at
-    each position k of the colour orders, the rows that blend there (blend{k}: batch_blend's f, to_mean,
-    to_gray) and those that shift hue (hue{k}, by shift{k}). Ops with an identity factor are left out."""
-    rows, f, (top, left, h, w) = torch.arange(len(p["box"])), p["factors"], p["box"].unbind(1)
-    left = torch.where(p["flip"], image_w - left - w, left)  # the box mirrored, in the mirror image (row + n)
-    plan = {"rois": torch.stack([rows % n + n * p["flip"], left, top, left + w, top + h], 1).float(),
-            "gray": rows[p["gray"]], "blur": rows[p["blur"]], "sigma": p["sigma"][p["blur"]],
-            "solarize": rows[p["solarize"]]}
-    for k, op in enumerate(p["order"].T):                                              # (V n,) ops at position k
-        fk = f.gather(1, op[:, None])[:, 0]
-        blend, hue = rows[p["jitter"] & (op < 3) & (fk != 1.0)], rows[p["jitter"] & (op == 3) & (fk != 0.0)]
+    sigma, solarize = uniform([a.blur_sigma for a in augs])[:, 0].float(), coin([a.solarize_p for a in augs])
+    # render_views' inputs: a flipped crop is the mirrored box's crop of the mirror image (row n + i)
+    rows, (top, left, h, w) = torch.arange(N), box.unbind(1)
+    left = torch.where(flip, W - left - w, left)
+    plan = {"rois": torch.stack([rows % n + n * flip, left, top, left + w, top + h], 1).float(), "gray_rows":
+            rows[gray], "blur_rows": rows[blur], "blur_sigma": sigma[blur], "solarize_rows": rows[solarize]}
+    for k, op in enumerate(order.T):                                                   # (V n,) ops at position k
+        fk = factors.gather(1, op[:, None])[:, 0]
+        blend, hue = rows[jitter & (op < 3) & (fk != 1.0)], rows[jitter & (op == 3) & (fk != 0.0)]
         plan |= {f"blend{k}": blend, f"f{k}": fk[blend], f"to_mean{k}": (op[blend] == 1).float(),
                  f"to_gray{k}": (op[blend] == 2).float(), f"hue{k}": hue, f"shift{k}": fk[hue]}
-    return plan
+    return plan | {"box": box, "flip": flip, "jitter": jitter, "order": order, "factors": factors, "gray": gray,
+                   "blur": blur, "sigma": sigma, "solarize": solarize}
 
 
 def render_views(images, plan: dict, group) -> torch.Tensor:
     """The views of images (2 n, 3, H, W) float on [0, 1] (n images, then mirrored) -> (V n, 3, h, w) normalised,
-    under a _view_groups group with _plan's parameters (on the images' device), in Augment's order."""
+    under a _view_groups group with sample_view_params' plan (on the images' device), in Augment's order."""
     def _on(x, idx, op, *args):  # op on the images x[idx] only (idx on the device, its length known on the host)
         return x.index_copy_(0, idx, op(x.index_select(0, idx), *args)) if len(idx) else x
 
@@ -836,15 +826,14 @@ def render_views(images, plan: dict, group) -> torch.Tensor:
     for k in range(4):  # colour jitter, each image in its own order
         x = _on(x, plan[f"blend{k}"], batch_blend, plan[f"f{k}"], plan[f"to_mean{k}"], plan[f"to_gray{k}"])
         x = _on(x, plan[f"hue{k}"], batch_hue, plan[f"shift{k}"])
-    x = _on(x, plan["gray"], lambda y: _gray(y).expand_as(y))
-    x = _on(x, plan["blur"], batch_gaussian_blur, group[0].blur_kernel, plan["sigma"])
-    return batch_normalize(_on(x, plan["solarize"], batch_solarize), group[0].mean, group[0].std)
+    x = _on(x, plan["gray_rows"], lambda y: _gray(y).expand_as(y))
+    x = _on(x, plan["blur_rows"], batch_gaussian_blur, group[0].blur_kernel, plan["blur_sigma"])
+    return batch_normalize(_on(x, plan["solarize_rows"], batch_solarize), group[0].mean, group[0].std)
 
 
 def _view_groups(t):
     """A view transform built from Augment -> its views in output order, in groups of consecutive views of one
-    size, blur kernel and normalisation, made in one batch (SimCLR's pair, ExCB's two global crops, its local
-    crops: they differ only in per-image draws); None for any other transform."""
+    size, blur kernel and normalisation, made in one batch (e.g. ExCB's 2 global crops); else None."""
     views = ([t] if isinstance(t, Augment) else t.transforms if isinstance(t, MultiView) else
              [*t.global_views, *[t.local_view] * t.n_local] if isinstance(t, MultiCrop) else [None])
     key = lambda a: (_hw(a.size), a.blur_kernel, a.mean, a.std)  # noqa: E731
@@ -853,19 +842,15 @@ def _view_groups(t):
 
 
 class DeviceLoader(EpochLoader):
-    """EpochLoader (its batches of indices and set_epoch(e, start_batch=k), no worker) over a training set held
-    on the training device as uint8 (N, 3, H, W), its views made there in batches (this section's header).
-    Yields (views, labels): views a list of float (B, 3, h, w) normalised tensors on the device (channels_last on
-    CUDA; one tensor for a bare Augment), labels (B,) long on the device."""
+    """EpochLoader (its batches, set_epoch(e, start_batch=k)) over images held on the device as uint8 (N, 3, H, W),
+    views made there (the header). Yields (views, labels): views a list of float (B, 3, h, w) normalised tensors
+    on the device (channels_last on CUDA; one tensor for a bare Augment), labels (B,) long on the device."""
 
     path = "device"
 
     def __init__(self, images, labels, transform, batch_size: int, dist: DistInfo, seed: int = 0,
                  batch_sampler=None, shuffle: bool = True, drop_last: bool = True, skipped_images: int = 0):
-        self.groups = _view_groups(transform)
-        if self.groups is None:
-            raise UsageError("the device path makes views from common.Augment (alone, or in MultiView / MultiCrop) "
-                             f"only, not {type(transform).__name__}; use --data-path loader")
+        self.groups = _view_groups(transform)  # not None: build_train_loader checked
         for a in (a for gr in self.groups for a in gr if a.blur_p > 0 and a.blur_kernel // 2 >= min(_hw(a.size))):
             raise UsageError(f"a {a.blur_kernel}-tap blur cannot reflect-pad a {a.size} px view; "
                              f"lower the blur kernel or the blur probability")
@@ -886,19 +871,18 @@ class DeviceLoader(EpochLoader):
         seed = np.random.SeedSequence([self.seed, epoch, step, self.rank]).generate_state(1, np.uint64)[0]
         g, B, hw = torch.Generator().manual_seed(int(seed)), len(indices), self.images.shape[-2:]
         plans = [{"idx": torch.as_tensor(indices, dtype=torch.long)}]
-        plans += [_plan(sample_view_params(gr, B, hw, g), B, hw[1]) for gr in self.groups]
+        plans += [sample_view_params(gr, B, hw, g) for gr in self.groups]
         # one copy, float32 (exact for indices < 2^24), pinned and non_blocking on CUDA: the host never waits
         flat = torch.cat([v.float().flatten() for p in plans for v in p.values()])
         flat = (flat.pin_memory() if self.images.is_cuda else flat).to(self.images.device, non_blocking=True)
         parts = iter(flat.split([v.numel() for p in plans for v in p.values()]))
         plans = [{k: next(parts).view(v.shape).to(v.dtype) for k, v in p.items()} for p in plans]
         x = self.images.index_select(0, plans[0]["idx"]).float().mul_(1.0 / 255)       # ToDtype(scale=True)
-        x, views = torch.cat([x, x.flip(-1)]), []                                         # for _plan's rois
+        x, views = torch.cat([x, x.flip(-1)]), []                                         # for the plan's rois
         for group, plan in zip(self.groups, plans[1:]):
             v = render_views(x, plan, group)                                               # (V B, 3, h, w)
             views += (v.contiguous(memory_format=torch.channels_last) if v.is_cuda else v).split(B)
-        labels = self.labels.index_select(0, plans[0]["idx"])
-        return (views[0] if isinstance(self.transform, Augment) else views), labels
+        return (views[0] if isinstance(self.transform, Augment) else views), self.labels[plans[0]["idx"]]
 
 
 # --- which path: the device path when the training set fits, the DataLoader otherwise -------------------------
@@ -906,55 +890,51 @@ DEVICE_MAX_SIDE = 96         # px: larger images (ImageNet) keep the DataLoader 
 DEVICE_MAX_BYTES = 8 << 30   # the device path never holds more than 8 GiB of images
 
 
-def _device_images(dataset, device: torch.device, budget: int, workers: int):
-    """build_train_loader's rule: the training set as (uint8 (N, 3, H, W), labels, files skipped) on the CPU when
-    the device path can hold it, else why not (a str). torchvision's arrays and the digits are taken as they are;
-    other sets are decoded through dataset.load in `workers` threads (with --skip-bad-images' replacements)."""
-    if _view_groups(dataset.transform) is None:
-        return f"the view transform ({type(dataset.transform).__name__}) is not built from common.Augment"
-    if len(dataset) == 0:
-        return "the dataset is empty"
-    src, tv = dataset.source, torchvision.datasets
-    as_image = lambda image: v2.functional.to_image(image).as_subclass(torch.Tensor)  # noqa: E731 (uint8 CHW)
-    array = (src.images if isinstance(src, _DigitsSource) else torch.from_numpy(src.data).permute(0, 3, 1, 2)
-             if isinstance(src, tv.CIFAR10) else torch.from_numpy(src.data) if isinstance(src, tv.STL10) else None)
-    array = array[dataset.indices] if array is not None and dataset.indices is not None else array
-    first = array[0] if array is not None else as_image(dataset.load(0)[0])  # CIFAR10: CIFAR-100 too (a subclass)
-    need = len(dataset) * first.numel()
-    if first.shape[0] != 3:
-        return f"the images have {first.shape[0]} channels, not 3"
-    if max(first.shape[1:]) > DEVICE_MAX_SIDE:
-        return f"images of {first.shape[2]}x{first.shape[1]} px exceed {DEVICE_MAX_SIDE} px"
-    if need > budget:
-        return (f"{len(dataset):,} images take {need / 2**30:.1f} GiB as uint8, over the device path's "
-                f"{budget / 2**30:.1f} GiB budget on {device}")
-    if array is not None:
-        return array.contiguous(), dataset.targets, 0
-    from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        images, labels, skipped = zip(*pool.map(dataset.load, range(len(dataset))))
-    images = [as_image(image) for image in images]
-    for i in (i for i, image in enumerate(images) if image.shape != first.shape):
-        return (f"the images differ in size (image 0 is {tuple(first.shape)}, image {i} "
-                f"{tuple(images[i].shape)}); the DataLoader path crops each on its own")
-    return torch.stack(images), torch.tensor(labels, dtype=torch.long), sum(skipped)
-
-
 def build_train_loader(dataset, batch_size: int, dist: DistInfo, data_path: str = "auto", workers: int = 0,
                        seed: int = 0, batch_sampler=None):
-    """The training loader, `batch_size` PER RANK: DeviceLoader (images on the training device, views made there
-    in batches) or EpochLoader (DataLoader workers, views made image by image), the same images per step.
-    data_path "loader" or "device" forces one (a UsageError says why the device path cannot be used); "auto"
-    takes the device path when the views are built from Augment, the images are RGB, of one size, at most
-    DEVICE_MAX_SIDE px a side, and fit the budget as uint8 (1/8 of the device's memory, on CPU per rank of the
-    machine, at most 8 GiB: CIFAR-10 takes 147 MiB). Prints one line: which path, why."""
+    """The training loader, `batch_size` PER RANK: DeviceLoader (the images on the device, views made there in
+    batches) or EpochLoader (DataLoader workers, views made image by image), the same images per step. data_path
+    "loader" or "device" forces one (a UsageError says why the device path cannot be); "auto" takes the device
+    path when the views are built from Augment and the images are RGB, of one size, at most DEVICE_MAX_SIDE px a
+    side, within the budget as uint8 (1/8 of the device's memory, on CPU per rank, at most 8 GiB: CIFAR-10 takes
+    147 MiB). File-backed sets are decoded once, in `workers` threads. Prints one line: which path, why."""
     if data_path not in ("auto", "device", "loader"):
         raise UsageError(f"--data-path takes auto, device or loader (got {data_path!r})")
     t0, device = time.perf_counter(), dist.device  # the budget: 1/8 of its memory (on CPU: the machine's ranks')
     total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else
              os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     budget = min(total // 8, DEVICE_MAX_BYTES)
-    got = "--data-path loader" if data_path == "loader" else _device_images(dataset, device, budget, workers)
+
+    def device_images():  # the training set as (uint8 (N, 3, H, W), labels, files skipped) on the CPU, or why not
+        if _view_groups(dataset.transform) is None:
+            return f"the view transform ({type(dataset.transform).__name__}) is not built from common.Augment"
+        if len(dataset) == 0:
+            return "the dataset is empty"
+        src = dataset.source  # the digits and torchvision's in-memory sets (CIFAR10: CIFAR-100 too, a subclass)
+        as_image = lambda image: v2.functional.to_image(image).as_subclass(torch.Tensor)  # noqa: E731 (uint8 CHW)
+        array = (src.images if isinstance(src, _DigitsSource) else torch.from_numpy(src.data).permute(0, 3, 1, 2)
+                 if isinstance(src, torchvision.datasets.CIFAR10) else torch.from_numpy(src.data)
+                 if isinstance(src, torchvision.datasets.STL10) else None)
+        array = array[dataset.indices] if array is not None and dataset.indices is not None else array
+        first = array[0] if array is not None else as_image(dataset.load(0)[0])
+        if first.shape[0] != 3:
+            return f"the images have {first.shape[0]} channels, not 3"
+        if max(first.shape[1:]) > DEVICE_MAX_SIDE:
+            return f"images of {first.shape[2]}x{first.shape[1]} px exceed {DEVICE_MAX_SIDE} px"
+        if (need := len(dataset) * first.numel()) > budget:
+            return (f"{len(dataset):,} images take {need / 2**30:.1f} GiB as uint8, over the device path's "
+                    f"{budget / 2**30:.1f} GiB budget on {device}")
+        if array is not None:
+            return array.contiguous(), dataset.targets, 0
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            images, labels, skipped = zip(*pool.map(dataset.load, range(len(dataset))))
+        images = [as_image(image) for image in images]
+        for i in (i for i, image in enumerate(images) if image.shape != first.shape):
+            return (f"the images differ in size (image 0 is {tuple(first.shape)}, image {i} "
+                    f"{tuple(images[i].shape)}); the DataLoader path crops each on its own")
+        return torch.stack(images), torch.tensor(labels, dtype=torch.long), sum(skipped)
+
+    got = "--data-path loader" if data_path == "loader" else device_images()
     if isinstance(got, str):
         if data_path == "device":
             raise UsageError(f"--data-path device is impossible here: {got}; use --data-path loader or auto")

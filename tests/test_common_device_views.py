@@ -48,7 +48,7 @@ TOL = 1e-5
 
 
 def _with_flipped(x):
-    return torch.cat([x, x.flip(-1)])  # what DeviceLoader.batch hands render_views: _plan's rois read both
+    return torch.cat([x, x.flip(-1)])  # what DeviceLoader.batch hands render_views: the rois read both
 
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
@@ -61,7 +61,7 @@ def test_resized_crop_and_flip_against_torchvision(interpolation, size):
     x = _floats()
     aug = common.Augment(size, scale=(0.08, 1.0), interpolation=interpolation)
     p = common.sample_view_params(aug, len(x), (32, 32), torch.Generator().manual_seed(size))
-    ours = common.batch_resized_crop(_with_flipped(x), common._plan(p, len(x), 32)["rois"], size)
+    ours = common.batch_resized_crop(_with_flipped(x), p["rois"], size)
     ref = []
     for image, box, flip in zip(x, p["box"].tolist(), p["flip"]):
         v = TF.resized_crop(image, *box, [size, size], interpolation=common._INTERP[interpolation], antialias=True)
@@ -129,9 +129,8 @@ def test_whole_recipe_follows_augment_order(jitter):
     plain = common.Augment(24, jitter_p=0.0, gray_p=0.0, blur_kernel=3)
     p = common.sample_view_params([aug, plain], n, (32, 32), torch.Generator().manual_seed(6))
     assert 0 < p["jitter"][:n].sum() < n and 0 < p["gray"][:n].sum() < n and 0 < p["blur"][:n].sum() < n
-    plan = common._plan(p, n, 32)
-    ours = common.render_views(_with_flipped(images), plan, [aug, plain])
-    crops = common.batch_resized_crop(_with_flipped(images), plan["rois"], 24)
+    ours = common.render_views(_with_flipped(images), p, [aug, plain])
+    crops = common.batch_resized_crop(_with_flipped(images), p["rois"], 24)
     t = v2.ColorJitter(*jitter)
     active = [r is not None for r in (t.brightness, t.contrast, t.saturation, t.hue)]
     adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
@@ -334,21 +333,25 @@ def test_two_gloo_ranks_take_disjoint_shards_covering_the_epoch():
 
 
 def test_device_and_loader_views_agree_in_distribution():
-    """The two paths make different draws of the same recipe: per-channel means and stds over an epoch agree with
-    the loader path run on float images (torchvision's float kernels, the device path's maths). On uint8 images
-    the loader path's views are darker by ~1 level (0.005 on [0, 1]): its uint8 kernels truncate after each colour
-    op; the float maths does not round. Solarize is off: v2's RandomSolarize(128) takes uint8 images only."""
+    """The two paths make different draws of the same recipe: per-channel means and stds over 3 epochs agree with
+    the loader path run on float images (torchvision's float kernels, the device path's maths), within 0.03 (the
+    draws' noise is ~0.01 here). Bilinear: roi_align's crop is bilinear (the DEVIATION; against bicubic its
+    smoother views have a ~0.025 lower std). On uint8 images the loader path's views are darker by ~1 level
+    (0.005 on [0, 1]): its uint8 kernels truncate after each colour op. Solarize is off: v2's RandomSolarize(128)
+    takes uint8 images only."""
     info = common.dataset_info("digits")
-    aug = common.Augment(16, scale=(0.2, 1.0), interpolation="bicubic", jitter=(0.4, 0.4, 0.2, 0.1),
+    aug = common.Augment(16, scale=(0.2, 1.0), interpolation="bilinear", jitter=(0.4, 0.4, 0.2, 0.1),
                          mean=info.mean, std=info.std)
     ds = _tensor_dataset(256, transform=common.MultiView([aug, aug]))
     as_float = common.ImageDataset([(TF.to_dtype(x, torch.float32, scale=True), y) for x, y in ds.source],
                                    ds.targets, ds.classes, ds.transform)
     stats = []
     for path, data in (("device", ds), ("loader", as_float)):
-        loader = common.build_train_loader(data, 64, common.DistInfo(), path, seed=0)
-        loader.set_epoch(0)
-        x = torch.cat([torch.cat(views) for views, _ in loader])
+        loader, x = common.build_train_loader(data, 64, common.DistInfo(), path, seed=0), []
+        for epoch in range(3):
+            loader.set_epoch(epoch)
+            x += [torch.cat(views) for views, _ in loader]
+        x = torch.cat(x)
         stats.append(torch.stack([x.mean((0, 2, 3)), x.std((0, 2, 3))]))
     torch.testing.assert_close(stats[0], stats[1], rtol=0, atol=0.03)
 
