@@ -696,17 +696,15 @@ build_loader = EpochLoader  # the scripts' name for it; `batch_size` is PER RANK
 # 2b. DATA ON THE DEVICE: the training set decoded once, views made in batches
 # ================================================================================================
 # Small datasets (digits, CIFAR-10/100, STL-10, a small ImageFolder) fit on the training device as one uint8
-# tensor (N, 3, H, W). Each step makes its views there for the whole per-rank batch in float on [0, 1] with
-# common.Augment's recipe: torchvision's parameter distributions, its float kernels' maths, Augment's order.
-# Crop + resize + flip: one torchvision.ops.roi_align per view size over the batch and its mirror image (a
-# flipped crop is the mirrored box's crop of the flipped image). DEVIATION: roi_align is bilinear, averaging
-# ceil(box / out)^2 samples per output pixel when shrinking (a box filter) where resize(antialias=True) uses the
-# triangle (bilinear) or Keys cubic (bicubic: ExCB's official recipe) filter; a tap at a crop's edge may read the
-# pixel outside it: mean error <= 0.006 on [0, 1] (tests/test_common_device_views.py). Every other op runs on
-# the images that draw it only (colour jitter: at each position of the images' random orders, a blend on those
-# whose op there is brightness, contrast or saturation, hue on those whose op is hue), index lists drawn on the
-# CPU with the parameters from a generator seeded by (seed, epoch, step, rank) (views are a pure function of
-# those: --resume is exact, mid-epoch too) and shipped in one non_blocking copy per step: no host-device sync.
+# tensor (N, 3, H, W); each step makes the per-rank batch's views there in float on [0, 1] (torchvision's draws
+# and float maths, Augment's order). Crop + resize + flip: one torchvision.ops.roi_align per view size over the
+# batch and its mirror image. DEVIATION: roi_align is bilinear, averaging ceil(box / out)^2 samples per output
+# pixel when shrinking (a box filter) where resize(antialias=True) uses the triangle (bilinear) or Keys cubic
+# (bicubic: ExCB's official recipe) filter: mean error <= 0.006 on [0, 1] (tests/test_common_device_views.py).
+# Every other op runs on the images that draw it only (colour jitter: at each position of the random orders, a
+# blend or hue on the images whose op it is): index lists drawn with the parameters on the CPU, from a generator
+# seeded by (seed, epoch, step, rank) (views are a pure function of those: --resume is exact, mid-epoch too),
+# shipped in one copy per step: no host-device sync.
 
 # the crop (rois (n, 5): image index, x1, y1, x2, y2 in pixels) resized to an (h, w) output: the header's DEVIATION
 batch_resized_crop = functools.partial(roi_align, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
@@ -764,12 +762,11 @@ def batch_normalize(x, mean, std):  # Normalize: (x - mean) / std per channel
 
 def sample_view_params(augs, n: int, image_hw, g: torch.Generator) -> dict:
     """Random parameters of n images of size image_hw = (H, W) under each Augment of augs (one or a list: rows
-    [k n, (k + 1) n) belong to augs[k]), from the CPU generator g with torchvision's distributions: box (top,
-    left, height, width); flip, jitter, gray, blur, solarize (bool); order (V n, 4) of the colour ops (0
-    brightness, 1 contrast, 2 saturation, 3 hue), their factors (V n, 4); sigma. Every draw is always made.
-    Plus render_views' inputs: rois (V n, 5) into the n images, then the mirrored ones (n + i); the rows that
-    turn gray, blur (by blur_sigma), solarize, and at each position k of the colour orders blend (blend{k},
-    batch_blend's f{k}, to_mean{k}, to_gray{k}) or shift hue (hue{k} by shift{k})."""
+    [k n, (k + 1) n) under augs[k]) from the CPU generator g, with torchvision's distributions: box (top, left,
+    height, width); flip, jitter, gray, blur, solarize (bool); order (V n, 4) of the colour ops (0 brightness, 1
+    contrast, 2 saturation, 3 hue), their factors (V n, 4); sigma. Plus render_views' inputs: rois (V n, 5) into
+    the n images, then the mirrored ones; the rows that turn gray, blur, solarize, and at each position k of the
+    colour orders blend (blend{k}, by batch_blend's f{k}, to_mean{k}, to_gray{k}) or shift hue (hue{k})."""
     augs = [augs] if isinstance(augs, Augment) else list(augs)
     (H, W), N = image_hw, len(augs) * n
     per_row = lambda values, dtype=torch.float64: torch.tensor(values, dtype=dtype).repeat_interleave(n, 0)  # noqa
@@ -797,9 +794,9 @@ def sample_view_params(augs, n: int, image_hw, g: torch.Generator) -> dict:
     flip, jitter = coin([a.flip_p for a in augs]), coin([a.jitter_p if a.jitter is not None else 0 for a in augs])
     order = torch.rand(N, 4, generator=g).argsort(1)  # a uniformly random permutation per image, as randperm(4)
     # ColorJitter's own ranges (a number v: (max(0, 1 - v), 1 + v), for hue (-v, v)); an op that is off: identity
-    ts = [v2.ColorJitter(*(a.jitter or ())) for a in augs]
+    jitters = [v2.ColorJitter(*(a.jitter or ())) for a in augs]
     factors = uniform([list(zip(t.brightness or (1, 1), t.contrast or (1, 1), t.saturation or (1, 1),
-                                t.hue or (0, 0))) for t in ts], 4).float()
+                                t.hue or (0, 0))) for t in jitters], 4).float()
     gray, blur = coin([a.gray_p for a in augs]), coin([a.blur_p for a in augs])
     sigma, solarize = uniform([a.blur_sigma for a in augs])[:, 0].float(), coin([a.solarize_p for a in augs])
     # render_views' inputs: a flipped crop is the mirrored box's crop of the mirror image (row n + i)
@@ -836,16 +833,14 @@ def _view_groups(t):
     size, blur kernel and normalisation, made in one batch (e.g. ExCB's 2 global crops); else None."""
     views = ([t] if isinstance(t, Augment) else t.transforms if isinstance(t, MultiView) else
              [*t.global_views, *[t.local_view] * t.n_local] if isinstance(t, MultiCrop) else [None])
-    key = lambda a: (_hw(a.size), a.blur_kernel, a.mean, a.std)  # noqa: E731
-    return [list(gr) for _, gr in itertools.groupby(views, key)] if views and all(isinstance(v, Augment)
-                                                                                 for v in views) else None
+    if views and all(isinstance(v, Augment) for v in views):
+        return [list(g) for _, g in itertools.groupby(views, lambda a: (_hw(a.size), a.blur_kernel, a.mean, a.std))]
 
 
 class DeviceLoader(EpochLoader):
     """EpochLoader (its batches, set_epoch(e, start_batch=k)) over images held on the device as uint8 (N, 3, H, W),
     views made there (the header). Yields (views, labels): views a list of float (B, 3, h, w) normalised tensors
     on the device (channels_last on CUDA; one tensor for a bare Augment), labels (B,) long on the device."""
-
     path = "device"
 
     def __init__(self, images, labels, transform, batch_size: int, dist: DistInfo, seed: int = 0,
@@ -858,11 +853,8 @@ class DeviceLoader(EpochLoader):
         self.images, self.labels, self.transform, self.seed, self.rank = images, labels, transform, seed, dist.rank
         self.skipped_images = skipped_images
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        super().set_epoch(epoch, start_batch)
-        getattr(self.transform, "set_epoch", lambda e: None)(epoch)  # MultiCrop's scale schedule
-
     def __iter__(self):  # self.batches: [(epoch, i), ...] from batch `start` on, the skipped ones cost nothing
+        getattr(self.transform, "set_epoch", lambda e: None)(self.batches.epoch)  # MultiCrop's scale schedule
         for step, batch in enumerate(self.batches, self.batches.start):
             yield self.batch(self.batches.epoch, step, [i for _, i in batch])
 
@@ -870,8 +862,8 @@ class DeviceLoader(EpochLoader):
         """(views, labels) of the images `indices` at (epoch, step) on this rank: a pure function of those."""
         seed = np.random.SeedSequence([self.seed, epoch, step, self.rank]).generate_state(1, np.uint64)[0]
         g, B, hw = torch.Generator().manual_seed(int(seed)), len(indices), self.images.shape[-2:]
-        plans = [{"idx": torch.as_tensor(indices, dtype=torch.long)}]
-        plans += [sample_view_params(gr, B, hw, g) for gr in self.groups]
+        plans = [{"idx": torch.as_tensor(indices, dtype=torch.long)}, *(sample_view_params(gr, B, hw, g)
+                                                                        for gr in self.groups)]
         # one copy, float32 (exact for indices < 2^24), pinned and non_blocking on CUDA: the host never waits
         flat = torch.cat([v.float().flatten() for p in plans for v in p.values()])
         flat = (flat.pin_memory() if self.images.is_cuda else flat).to(self.images.device, non_blocking=True)
@@ -892,12 +884,11 @@ DEVICE_MAX_BYTES = 8 << 30   # the device path never holds more than 8 GiB of im
 
 def build_train_loader(dataset, batch_size: int, dist: DistInfo, data_path: str = "auto", workers: int = 0,
                        seed: int = 0, batch_sampler=None):
-    """The training loader, `batch_size` PER RANK: DeviceLoader (the images on the device, views made there in
-    batches) or EpochLoader (DataLoader workers, views made image by image), the same images per step. data_path
-    "loader" or "device" forces one (a UsageError says why the device path cannot be); "auto" takes the device
-    path when the views are built from Augment and the images are RGB, of one size, at most DEVICE_MAX_SIDE px a
-    side, within the budget as uint8 (1/8 of the device's memory, on CPU per rank, at most 8 GiB: CIFAR-10 takes
-    147 MiB). File-backed sets are decoded once, in `workers` threads. Prints one line: which path, why."""
+    """The training loader, `batch_size` PER RANK: DeviceLoader (views made on the device in batches) or
+    EpochLoader (DataLoader workers), the same images per step. data_path "loader" or "device" forces one (a
+    UsageError says why the device path cannot be); "auto" takes the device path when the views are built from
+    Augment and the images are RGB, of one size, at most DEVICE_MAX_SIDE px a side, within 1/8 of the device's
+    memory as uint8 (on CPU per rank; at most 8 GiB; CIFAR-10: 147 MiB). Prints one line: which path, why."""
     if data_path not in ("auto", "device", "loader"):
         raise UsageError(f"--data-path takes auto, device or loader (got {data_path!r})")
     t0, device = time.perf_counter(), dist.device  # the budget: 1/8 of its memory (on CPU: the machine's ranks')
