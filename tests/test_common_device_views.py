@@ -1,5 +1,6 @@
 """common.py section 2b: the device path. Each batched float op against torchvision.transforms.v2.functional on
-the same float images in [0, 1] with the same parameters; the sampled parameters against torchvision's own draws
+the same float images in [0, 1] with the same parameters (the roi_align crop within its stated deviation, the
+others within float rounding); the sampled parameters against torchvision's own draws
 (two-sample Kolmogorov-Smirnov); views as a pure function of (seed, epoch, step, rank), mid-epoch resume, the same
 images per step as the DataLoader path, two gloo ranks, and build_train_loader's choice of path."""
 import math
