@@ -28,6 +28,7 @@ import signal
 import sys
 import time
 import typing
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -38,7 +39,7 @@ import torch.distributed.nn  # noqa: F401  (tdist.nn.functional.all_gather: gath
 import torch.nn as nn
 import torchvision
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
-from torchvision.ops import stochastic_depth
+from torchvision.ops import roi_align, stochastic_depth
 from torchvision.transforms import v2
 
 # ================================================================================================
@@ -632,364 +633,185 @@ build_loader = EpochLoader  # the scripts' name for it; `batch_size` is PER RANK
 # 2b. DATA ON THE DEVICE: the training set decoded once, views made in batches
 # ================================================================================================
 # Small datasets (digits, CIFAR-10/100, STL-10, a small ImageFolder) fit on the training device as one uint8
-# tensor (N, 3, H, W). Each step then makes its views there for the whole per-rank batch at once, in float on
-# [0, 1], with common.Augment's recipe: the same parameter distributions and the same maths as torchvision v2's
-# float kernels, in ~100 batched kernels per view group whatever the batch size:
-#
-#   Augment's op        torchvision, per image                          here, per batch (every image, every op)
-#   RandomResizedCrop   <= 10 tries: area ~ U(scale) H W, log aspect    the same draws, vectorised; crop +
-#                       ~ U(log ratio), integer box; else centre crop;  antialiased resize as one batched
-#                       crop, antialiased resize                        product (resample_matrix: torch's weights)
-#   RandomHorizontalFlip p                                              the resize matrix's rows reversed
-#   ColorJitter         RandomApply(p); factors ~ U(range); the 4 ops   the same draws; brightness, contrast,
-#                       in a random order                               saturation as one blend (batch_blend) in 3
-#                                                                       slots before hue and 3 after (_plan)
-#   RandomGrayscale     0.2989 R + 0.587 G + 0.114 B                    the same, blended in by a 0/1 factor
-#   GaussianBlur        RandomApply(p); sigma ~ U(range); k x k         per-image separable kernels (a delta when
-#                       kernel, reflect padding                         off) as two grouped convolutions
-#   RandomSolarize      v >= 128 -> 255 - v (on floats: 128 / 255)      the same, by a 0/1 factor
-#   ToDtype, Normalize  v / 255, then (x - mean) / std                  the same
-#
-# An op that is off for an image runs with its identity parameters (factor 1 for a blend, hue shift 0, a delta
-# blur kernel, factor 0 for grayscale and solarize), so no step gathers subsets and the kernel count is fixed.
-# Unlike the loader path (torchvision on uint8), pixels are not rounded to 1/255 between ops; bicubic overshoot is
-# clamped to [0, 1] as the uint8 kernel clamps it. The random parameters are drawn on the CPU from a generator
-# seeded by (seed, epoch, step, rank): views are a pure function of those, so --resume (whole or mid-epoch) is
-# exact; they reach the device in two copies per step (pinned, non_blocking: no host-device sync).
+# tensor (N, 3, H, W); each step makes the per-rank batch's views there in float on [0, 1] (torchvision's draws
+# and float maths, Augment's order). Crop + resize + flip: one torchvision.ops.roi_align per view size over the
+# batch and its mirror image. DEVIATION: roi_align is bilinear, averaging ceil(box / out)^2 samples per output
+# pixel when shrinking (a box filter) where resize(antialias=True) uses the triangle (bilinear) or Keys cubic
+# (bicubic: ExCB's official recipe) filter: mean error <= 0.006 on [0, 1] (tests/test_common_device_views.py).
+# Every other op runs on the images that draw it only (colour jitter: at each position of the random orders, a
+# blend or hue on the images whose op it is): index lists drawn with the parameters on the CPU, from a generator
+# seeded by (seed, epoch, step, rank) (views are a pure function of those: --resume is exact, mid-epoch too),
+# shipped in one copy per step: no host-device sync.
 
-def _aa_filter(x: torch.Tensor, interpolation: str) -> torch.Tensor:
-    """torch's antialiasing kernels (PIL's): the triangle for bilinear, Keys' cubic with a = -0.5 for bicubic.
-    The cubic's two pieces both vanish at |x| = 1 and its outer piece at |x| = 2, so clamping |x| into each
-    piece's interval and adding them gives the piecewise kernel without a select."""
-    x = x.abs()
-    if interpolation == "bilinear":
-        return (1.0 - x).clamp_(min=0.0)
-    a = -0.5
-    near, far = x.clamp(max=1.0), x.clamp(1.0, 2.0)
-    return ((a + 2) * near - (a + 3)) * near * near + 1 + (((a * far - 5 * a) * far + 8 * a) * far - 4 * a)
-
-
-def resample_matrix(start, length, in_size: int, out_size: int, interpolation: str = "bilinear",
-                    flip=None) -> torch.Tensor:
-    """Per image, the antialiased 1-D resampling of the crop [start, start + length) of an axis of in_size pixels
-    to out_size pixels, as a matrix M (n, out_size, in_size): resampled row = M @ row. start, length: (n,);
-    flip (n,) nonzero: the output reversed (a horizontal flip after the resize).
-
-    torch's rule for interpolate(antialias=True, align_corners=False), PIL's too: scale = length / out_size;
-    output i is centred at scale (i + 1/2) in the crop; the filter is stretched by max(scale, 1), so a crop that
-    shrinks is averaged over (antialiasing) and one that grows is interpolated; taps outside the crop are dropped
-    and each row is renormalised to sum 1. A crop of the output size gives the identity (an exact copy)."""
-    length = length.to(torch.float32)
-    scale = length / out_size                                                          # (n,)
-    i = torch.arange(out_size, device=length.device, dtype=torch.float32).expand(len(length), -1)
-    if flip is not None:
-        i = torch.where(flip[:, None] > 0, out_size - 1 - i, i)                        # (n, out)
-    j = torch.arange(in_size, device=length.device)[None] - start[:, None]             # (n, in): position in crop
-    inside = ((j >= 0) & (j < length[:, None])).float()[:, None, :]                    # (n, 1, in)
-    dist = j[:, None, :] + 0.5 - (scale[:, None] * (i + 0.5))[:, :, None]              # (n, out, in)
-    w = _aa_filter(dist / scale.clamp(min=1.0)[:, None, None], interpolation) * inside
-    return w / w.sum(-1, keepdim=True)                                                 # rows sum to 1
-
-
-def batch_resized_crop(x, box, size, interpolation: str = "bilinear", flip=None) -> torch.Tensor:
-    """RandomResizedCrop's crop + antialiased resize, then the horizontal flip, for a batch: x (n, C, H, W) float
-    on [0, 1]; box (n, 4) = (top, left, height, width); size: output (h, w) or int; flip (n,) nonzero = flip.
-    Both axes are one batched product My x Mx^T over the whole image (taps outside the crop weigh 0); flipping
-    the resized crop reverses the rows of the horizontal matrix, so it costs nothing. Clamped to [0, 1]."""
-    h, w = _hw(size)
-    Mx = resample_matrix(box[:, 1], box[:, 3], x.shape[-1], w, interpolation, flip)    # (n, w, W)
-    My = resample_matrix(box[:, 0], box[:, 2], x.shape[-2], h, interpolation)          # (n, h, H)
-    x = x @ Mx.transpose(1, 2)[:, None]                                                # (n, C, H, w) first:
-    return (My[:, None] @ x).clamp_(0.0, 1.0)                                          # (n, C, h, w), 2x einsum
+# the crop (rois (n, 5): image index, x1, y1, x2, y2 in pixels) resized to an (h, w) output: the header's DEVIATION
+batch_resized_crop = functools.partial(roi_align, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 
 @functools.lru_cache(maxsize=None)
-def _const(values: tuple, device: torch.device) -> torch.Tensor:
-    """A small constant made once per device: a tensor built from a list each step would be a pageable
-    host-to-device copy, which on CUDA waits for the GPU."""
+def _const(values: tuple, device: torch.device) -> torch.Tensor:  # made each step: a pageable copy (CUDA waits)
     return torch.tensor(values, dtype=torch.float32).to(device)
 
 
-def _gray(x):
-    """(n, 3, H, W) -> (n, 1, H, W) luma (torchvision's weights), as a matrix product: 5x faster on CPU than a
-    sum over the channel dimension."""
-    n, _, H, W = x.shape
-    return torch.matmul(_const((0.2989, 0.587, 0.114), x.device), x.view(n, 3, H * W)).view(n, 1, H, W)
-
-
-def _per_image(t):
-    return t.view(-1, 1, 1, 1)
+def _gray(x):  # (n, 3, H, W) -> (n, 1, H, W) luma with torchvision's weights, as one matrix product
+    return torch.matmul(_const((0.2989, 0.587, 0.114), x.device), x.flatten(2)).view(len(x), 1, *x.shape[2:])
 
 
 def batch_blend(x, f, to_mean, to_gray):
-    """ColorJitter's brightness, contrast and saturation per image, in one op: all three are torchvision's
-    _blend(x, base, f) = clamp(f x + (1 - f) base, 0, 1) with base black (brightness), the mean luma (contrast)
-    or the luma (saturation). f (n,) the factor (1 = identity); to_mean, to_gray (n,) 1.0 for contrast, resp.
-    saturation, else 0.0 (so base is exactly 0, the mean or the luma)."""
-    luma = _gray(x)                                                                    # (n, 1, H, W)
-    base = torch.addcmul(_per_image(to_mean) * luma.mean((2, 3), keepdim=True), _per_image(to_gray), luma)
-    return torch.lerp(base, x, _per_image(f)).clamp_(0.0, 1.0)                         # f x + (1 - f) base
+    """ColorJitter's brightness, contrast or saturation per image, f (n,): torchvision's clamp(f x + (1 - f) base,
+    0, 1), base black, the mean luma (to_mean (n,) = 1.0) or the luma (to_gray (n,) = 1.0)."""
+    luma, f, to_mean, to_gray = _gray(x), f.view(-1, 1, 1, 1), to_mean.view(-1, 1, 1, 1), to_gray.view(-1, 1, 1, 1)
+    return torch.lerp(torch.addcmul(to_mean * luma.mean((2, 3), keepdim=True), to_gray, luma), x, f).clamp_(0, 1)
 
 
 def batch_hue(x, f):
-    """adjust_hue per image, f (n,) (0 = identity): RGB -> HSV (torchvision's model), h <- (h + f) mod 1, back.
-
-    With v = max, c = max - min, s = c / v and h6 = 6 h in [0, 6), each channel is v - v s g(h6): g is 0 on the
-    two sectors where the channel is the max, 1 on the two opposite ones and a ramp between, i.e.
-    g = clamp(2 - d, 0, 1) with d the distance around the hue circle from h6 to 3 (R), 5 (G), 1 (B). These are
-    torchvision's v, p, q, t in closed form, the same numbers up to float rounding, in ~30 batched ops."""
+    """adjust_hue per image, f (n,): RGB -> HSV (torchvision's model), h <- (h + f) mod 1, back. With v = max,
+    c = max - min = v s and h6 = 6 h, each channel is v - c g(h6), g = clamp(2 - d, 0, 1) with d the distance
+    around the hue circle from h6 to 3 (R), 5 (G), 1 (B): torchvision's v, p, q, t in closed form."""
     v = x.amax(1, keepdim=True)                                                        # (n, 1, H, W)
-    c = v - x.amin(1, keepdim=True)
-    s = c / v.clamp(min=1e-12)          # v = 0 only for black, where c = 0 too: s = 0 as in torchvision
+    c = v - x.amin(1, keepdim=True)     # 0 for grey pixels, which keep their value
     rc, gc, bc = ((v - x) / c.clamp(min=1e-12)).unbind(1)                              # (n, H, W) each
     e_r = (x[:, 0] == v[:, 0]).float()                                                 # ties: R, then G, then B
     e_g = (x[:, 1] == v[:, 0]).float() * (1.0 - e_r)
     h6 = e_r * (bc - gc) + e_g * (rc + 2.0 - bc) + (1.0 - e_r - e_g) * (gc + 4.0 - rc)  # in [-1, 5]
     h6 = torch.remainder(h6 + 6.0 * f.view(-1, 1, 1), 6.0)[:, None]                    # (n, 1, H, W)
     d = (h6 - _const((3.0, 5.0, 1.0), x.device).view(1, 3, 1, 1)).abs_()  # R, G, B lose most at 6 h = 3, 5, 1
-    g = (2.0 - torch.minimum(d, 6.0 - d)).clamp_(0.0, 1.0)                             # (n, 3, H, W)
-    return (v - (v * s) * g).clamp_(0.0, 1.0)
+    return (v - c * (2.0 - torch.minimum(d, 6.0 - d)).clamp_(0.0, 1.0)).clamp_(0.0, 1.0)
 
 
-def batch_grayscale(x, on):
-    """rgb_to_grayscale with 3 output channels on the images with on (n,) = 1, the others left as they are."""
-    return torch.lerp(x, _gray(x).expand_as(x), _per_image(on))
-
-
-def batch_gaussian_blur(x, kernel_size: int, sigma, on):
-    """gaussian_blur per image: sigma (n,); kernel_size taps exp(-d^2 / (2 sigma^2)), normalised, reflect padding
-    by kernel_size // 2 as torchvision; images with on (n,) = 0 get a delta kernel (left as they are). The 2-D
-    kernel is torchvision's outer product of the 1-D one, applied as its two 1-D passes: two grouped
-    convolutions, one group per image and channel."""
-    n, C, H, W = x.shape
-    d = torch.arange(kernel_size, device=x.device, dtype=torch.float32) - kernel_size // 2
-    k = torch.exp(-0.5 * (d / sigma[:, None]) ** 2)
-    k = k / k.sum(1, keepdim=True)                                                     # (n, k), sums to 1
-    k = torch.lerp((d == 0).float().expand_as(k), k, on[:, None]).repeat_interleave(C, 0)  # (n C, k)
-    pad = kernel_size // 2
+def batch_gaussian_blur(x, kernel_size: int, sigma):
+    """gaussian_blur per image, sigma (n,): taps exp(-d^2 / (2 sigma^2)) normalised, reflect padding, as
+    torchvision; its 2-D kernel is the 1-D one's outer product: two grouped 1-D convolutions."""
+    (n, C, H, W), pad = x.shape, kernel_size // 2
+    d = torch.arange(kernel_size, device=x.device, dtype=torch.float32) - pad
+    k = torch.softmax(-0.5 * (d / sigma[:, None]) ** 2, 1).repeat_interleave(C, 0)   # (n C, k), rows sum to 1
     y = nn.functional.pad(x.reshape(1, n * C, H, W), (pad, pad, pad, pad), mode="reflect")
-    y = nn.functional.conv2d(y, k.view(n * C, 1, 1, -1), groups=n * C)                # along W
-    return nn.functional.conv2d(y, k.view(n * C, 1, -1, 1), groups=n * C).view(n, C, H, W)  # along H
+    y = nn.functional.conv2d(y, k.view(n * C, 1, 1, -1), groups=n * C)                # along W, then along H
+    return nn.functional.conv2d(y, k.view(n * C, 1, -1, 1), groups=n * C).view(n, C, H, W)
 
 
-def batch_solarize(x, on, threshold: float = 128 / 255):
-    """solarize on [0, 1] floats (threshold 128 / 255, PIL's 128 on uint8) for the images with on (n,) = 1."""
-    return torch.lerp(x, 1.0 - x, _per_image(on) * (x >= threshold))  # lerp with weight 0 or 1 is exact
+def batch_solarize(x, threshold: float = 128 / 255):  # on [0, 1] floats; 128 / 255 is PIL's 128 on uint8
+    return torch.where(x >= threshold, 1.0 - x, x)
 
 
-def batch_normalize(x, mean, std):
-    """Normalize: (x - mean) / std per channel (x already on [0, 1], as after ToDtype(float32, scale=True))."""
+def batch_normalize(x, mean, std):  # Normalize: (x - mean) / std per channel
     return (x - _const(tuple(mean), x.device).view(1, -1, 1, 1)) / _const(tuple(std), x.device).view(1, -1, 1, 1)
-
-
-def _jitter_ranges(jitter) -> list:
-    """ColorJitter's factor ranges (brightness, contrast, saturation, hue) from its arguments, by torchvision's
-    own rule: a number v gives (max(0, 1 - v), 1 + v), for hue (-v, v); a pair is taken as is; an identity range
-    is None (torchvision then skips that op)."""
-    t = v2.ColorJitter(*jitter) if jitter else None
-    return [getattr(t, name, None) for name in ("brightness", "contrast", "saturation", "hue")]
 
 
 def sample_view_params(augs, n: int, image_hw, g: torch.Generator) -> dict:
     """Random parameters of n images of size image_hw = (H, W) under each Augment of augs (one or a list: rows
-    [k n, (k + 1) n) belong to augs[k]), drawn from the CPU generator g with torchvision's distributions -> CPU
-    tensors of V n rows: box (top, left, height, width); flip, jitter, gray, blur, solarize: bool, op applied;
-    order (V n, 4): the colour ops' order (0 brightness, 1 contrast, 2 saturation, 3 hue); factors (V n, 4);
-    sigma. Every draw is made whatever the probabilities, so the stream's layout is fixed."""
+    [k n, (k + 1) n) under augs[k]) from the CPU generator g, with torchvision's distributions: box (top, left,
+    height, width); flip, jitter, gray, blur, solarize (bool); order (V n, 4) of the colour ops (0 brightness, 1
+    contrast, 2 saturation, 3 hue), their factors (V n, 4); sigma. Plus render_views' inputs: rois (V n, 5) into
+    the n images, then the mirrored ones; the rows that turn gray, blur, solarize, and at each position k of the
+    colour orders blend (blend{k}, by batch_blend's f{k}, to_mean{k}, to_gray{k}) or shift hue (hue{k})."""
     augs = [augs] if isinstance(augs, Augment) else list(augs)
-    H, W = image_hw
-    N = len(augs) * n
+    (H, W), N = image_hw, len(augs) * n
+    per_row = lambda values, dtype=torch.float64: torch.tensor(values, dtype=dtype).repeat_interleave(n, 0)  # noqa
 
-    def per_row(values, dtype=torch.float64):  # one value (or row) per Augment -> one per image
-        return torch.tensor(values, dtype=dtype).repeat_interleave(n, dim=0)
+    def uniform(ranges, k=1):  # U(lo, hi) of shape (V n, k), each Augment's (lo, hi) (or its k pairs as 2 rows)
+        lo, hi = per_row(ranges).view(N, 2, -1).unbind(1)
+        return lo + (hi - lo) * torch.rand(N, k, generator=g, dtype=torch.float64)
 
     # RandomResizedCrop: up to 10 tries of area ~ U(scale) H W and log aspect ~ U(log ratio); the first integer
-    # box (Python's round: half to even, as torch.round) that fits wins; top and left uniform over the places
-    lo, hi = per_row([a.scale for a in augs]).unbind(1)
-    r0, r1 = per_row([[math.log(r) for r in a.ratio] for a in augs]).unbind(1)
-    lo, hi, r0, r1 = lo[:, None], hi[:, None], r0[:, None], r1[:, None]                # (V n, 1)
-    area = H * W * (lo + (hi - lo) * torch.rand(N, 10, generator=g, dtype=torch.float64))
-    aspect = torch.exp(r0 + (r1 - r0) * torch.rand(N, 10, generator=g, dtype=torch.float64))
-    w = torch.round(torch.sqrt(area * aspect)).long()
-    h = torch.round(torch.sqrt(area / aspect)).long()
+    # box (round half to even, as Python's round) that fits wins; top and left uniform over the places
+    area = H * W * uniform([a.scale for a in augs], 10)                                # (V n, 10)
+    aspect = torch.exp(uniform([[math.log(r) for r in a.ratio] for a in augs], 10))
+    w, h = torch.round(torch.sqrt(area * aspect)).long(), torch.round(torch.sqrt(area / aspect)).long()
     fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)
     first = fits.long().argmax(1, keepdim=True)  # argmax returns the first of equal maxima: the first fitting try
     w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
     u = torch.rand(N, 2, generator=g, dtype=torch.float64)
-    top, left = (u[:, 0] * (H - h + 1)).floor().long(), (u[:, 1] * (W - w + 1)).floor().long()
+    top, left = (u * torch.stack([H - h + 1, W - w + 1], 1)).floor().long().unbind(1)
     # no try fits: the whole image, cut to the nearest aspect ratio in range, centred (torchvision's fallback)
-    fallback = []
-    for a in augs:
-        fw, fh = min(W, int(round(H * max(a.ratio)))), min(H, int(round(W / min(a.ratio))))
-        fallback.append(((H - fh) // 2, (W - fw) // 2, fh, fw))
-    box = torch.where(fits.any(1, keepdim=True), torch.stack([top, left, h, w], 1), per_row(fallback, torch.long))
+    fall = [(min(H, round(W / min(a.ratio))), min(W, round(H * max(a.ratio)))) for a in augs]
+    fall = per_row([((H - fh) // 2, (W - fw) // 2, fh, fw) for fh, fw in fall], torch.long)
+    box = torch.where(fits.any(1, keepdim=True), torch.stack([top, left, h, w], 1), fall)
     # the other ops: coins as torchvision's RandomApply (applied when U < p), factors ~ U(range), a uniform order
     coin = lambda p: torch.rand(N, generator=g) < per_row(p, torch.float32)  # noqa: E731
-    flip = coin([a.flip_p for a in augs])
-    jitter = coin([a.jitter_p if a.jitter is not None else 0.0 for a in augs])
+    flip, jitter = coin([a.flip_p for a in augs]), coin([a.jitter_p if a.jitter is not None else 0 for a in augs])
     order = torch.rand(N, 4, generator=g).argsort(1)  # a uniformly random permutation per image, as randperm(4)
-    identity = ((1.0, 1.0), (1.0, 1.0), (1.0, 1.0), (0.0, 0.0))  # the range of an op that is off
-    ranges = [[r or identity[c] for c, r in enumerate(_jitter_ranges(a.jitter))] for a in augs]
-    f_lo = per_row([[r[0] for r in rs] for rs in ranges], torch.float32)                # (V n, 4)
-    f_hi = per_row([[r[1] for r in rs] for rs in ranges], torch.float32)
-    factors = f_lo + (f_hi - f_lo) * torch.rand(N, 4, generator=g)
-    gray = coin([a.gray_p for a in augs])
-    blur = coin([a.blur_p for a in augs])
-    s0, s1 = per_row([a.blur_sigma for a in augs], torch.float32).unbind(1)
-    sigma = s0 + (s1 - s0) * torch.rand(N, generator=g)
-    solarize = coin([a.solarize_p for a in augs])
-    return {"box": box, "flip": flip, "jitter": jitter, "order": order, "factors": factors, "gray": gray,
-            "blur": blur, "sigma": sigma, "solarize": solarize}
+    # ColorJitter's own ranges (a number v: (max(0, 1 - v), 1 + v), for hue (-v, v)); an op that is off: identity
+    jitters = [v2.ColorJitter(*(a.jitter or ())) for a in augs]
+    factors = uniform([list(zip(t.brightness or (1, 1), t.contrast or (1, 1), t.saturation or (1, 1),
+                                t.hue or (0, 0))) for t in jitters], 4).float()
+    gray, blur = coin([a.gray_p for a in augs]), coin([a.blur_p for a in augs])
+    sigma, solarize = uniform([a.blur_sigma for a in augs])[:, 0].float(), coin([a.solarize_p for a in augs])
+    # render_views' inputs: a flipped crop is the mirrored box's crop of the mirror image (row n + i)
+    rows, (top, left, h, w) = torch.arange(N), box.unbind(1)
+    left = torch.where(flip, W - left - w, left)
+    plan = {"rois": torch.stack([rows % n + n * flip, left, top, left + w, top + h], 1).float(), "gray_rows":
+            rows[gray], "blur_rows": rows[blur], "blur_sigma": sigma[blur], "solarize_rows": rows[solarize]}
+    for k, op in enumerate(order.T):                                                   # (V n,) ops at position k
+        fk = factors.gather(1, op[:, None])[:, 0]
+        blend, hue = rows[jitter & (op < 3) & (fk != 1.0)], rows[jitter & (op == 3) & (fk != 0.0)]
+        plan |= {f"blend{k}": blend, f"f{k}": fk[blend], f"to_mean{k}": (op[blend] == 1).float(),
+                 f"to_gray{k}": (op[blend] == 2).float(), f"hue{k}": hue, f"shift{k}": fk[hue]}
+    return plan | {"box": box, "flip": flip, "jitter": jitter, "order": order, "factors": factors, "gray": gray,
+                   "blur": blur, "sigma": sigma, "solarize": solarize}
 
 
-# _plan's columns, in order, and their widths: the per-image numbers render_views reads
-_COLUMNS = {"box": 4, "flip": 1, "blend_f": 6, "blend_mean": 6, "blend_gray": 6, "hue_f": 1, "gray": 1, "blur": 1,
-            "sigma": 1, "solarize": 1}
+def render_views(images, plan: dict, group) -> torch.Tensor:
+    """The views of images (2 n, 3, H, W) float on [0, 1] (n images, then mirrored) -> (V n, 3, h, w) normalised,
+    under a _view_groups group with sample_view_params' plan (on the images' device), in Augment's order."""
+    def _on(x, idx, op, *args):  # op on the images x[idx] only (idx on the device, its length known on the host)
+        return x.index_copy_(0, idx, op(x.index_select(0, idx), *args)) if len(idx) else x
+
+    x = batch_resized_crop(images, plan["rois"], _hw(group[0].size))
+    for k in range(4):  # colour jitter, each image in its own order
+        x = _on(x, plan[f"blend{k}"], batch_blend, plan[f"f{k}"], plan[f"to_mean{k}"], plan[f"to_gray{k}"])
+        x = _on(x, plan[f"hue{k}"], batch_hue, plan[f"shift{k}"])
+    x = _on(x, plan["gray_rows"], lambda y: _gray(y).expand_as(y))
+    x = _on(x, plan["blur_rows"], batch_gaussian_blur, group[0].blur_kernel, plan["blur_sigma"])
+    return batch_normalize(_on(x, plan["solarize_rows"], batch_solarize), group[0].mean, group[0].std)
 
 
-def _plan(p: dict) -> torch.Tensor:
-    """sample_view_params' draws -> one float32 table (V n, 28) of _COLUMNS, identity values where an op is off.
-
-    ColorJitter applies its 4 ops in a random order per image. Splitting each order at hue, an image's ops are:
-    up to 3 blends (brightness, contrast or saturation, batch_blend), hue, up to 3 blends. So the device runs
-    blend slots 0, 1, 2, then hue, then blend slots 3, 4, 5 on every image; slot k holds the image's k-th op
-    before hue (k < 3) or its (k - 3)-th op after it, and factor 1 (the identity) where the image has none."""
-    order, on = p["order"], p["jitter"][:, None]
-    hue_at = (order == 3).long().argmax(1, keepdim=True)                               # (n, 1)
-    slot = torch.arange(6)[None]                                                       # (1, 6)
-    pos = torch.where(slot < 3, slot, hue_at + slot - 2)                               # (n, 6): place in order
-    used = on & torch.where(slot < 3, slot < hue_at, pos < 4)
-    op = order.gather(1, pos.clamp(max=3))                                             # never hue where used
-    cols = {"box": p["box"], "flip": p["flip"], "blend_f": torch.where(used, p["factors"].gather(1, op), 1.0),
-            "blend_mean": used & (op == 1), "blend_gray": used & (op == 2),
-            "hue_f": p["factors"][:, 3] * on[:, 0], "gray": p["gray"], "blur": p["blur"], "sigma": p["sigma"],
-            "solarize": p["solarize"]}
-    return torch.cat([cols[k].float().view(len(order), -1) for k in _COLUMNS], 1)
+def _view_groups(t):
+    """A view transform built from Augment -> its views in output order, in groups of consecutive views of one
+    size, blur kernel and normalisation, made in one batch (e.g. ExCB's 2 global crops); else None."""
+    views = ([t] if isinstance(t, Augment) else t.transforms if isinstance(t, MultiView) else
+             [*t.global_views, *[t.local_view] * t.n_local] if isinstance(t, MultiCrop) else [None])
+    if views and all(isinstance(v, Augment) for v in views):
+        return [list(g) for _, g in itertools.groupby(views, lambda a: (_hw(a.size), a.blur_kernel, a.mean, a.std))]
 
 
-def render_views(images, idx, plan: torch.Tensor, group) -> torch.Tensor:
-    """The views of images[idx] (uint8 (N, 3, H, W) -> (n, 3, h, w) float, normalised) under the group's recipe
-    (Augments of one _batch_key) with the parameters in plan (_plan's table, on the images' device), in
-    Augment's order. Ops that no Augment of the group can apply are skipped (known on the host: no sync)."""
-    aug, any_on = group[0], lambda f: any(f(a) for a in group)  # noqa: E731
-    col = dict(zip(_COLUMNS, plan.split(list(_COLUMNS.values()), 1)))
-    x = images.index_select(0, idx).float().mul_(1.0 / 255)                           # ToDtype(scale=True)
-    x = batch_resized_crop(x, col["box"], aug.size, aug.interpolation, col["flip"][:, 0])
-    ranges = [_jitter_ranges(a.jitter) if a.jitter_p > 0 else [None] * 4 for a in group]
-    blends_on, hue_on = any(r[c] for r in ranges for c in range(3)), any(r[3] for r in ranges)
-    for k in range(6) if blends_on else ():
-        if k == 3 and hue_on:
-            x = batch_hue(x, col["hue_f"][:, 0])
-        x = batch_blend(x, col["blend_f"][:, k], col["blend_mean"][:, k], col["blend_gray"][:, k])
-    if hue_on and not blends_on:
-        x = batch_hue(x, col["hue_f"][:, 0])
-    if any_on(lambda a: a.gray_p > 0):
-        x = batch_grayscale(x, col["gray"][:, 0])
-    if any_on(lambda a: a.blur_p > 0):
-        x = batch_gaussian_blur(x, aug.blur_kernel, col["sigma"][:, 0], col["blur"][:, 0])
-    if any_on(lambda a: a.solarize_p > 0):
-        x = batch_solarize(x, col["solarize"][:, 0])
-    return batch_normalize(x, aug.mean, aug.std)
-
-
-def _batch_key(aug: Augment) -> tuple:
-    """What one batched render shares; views that agree on it differ only in per-image draws (crop scale and
-    ratio, colour ranges, the probabilities, the blur's sigma range), so they are made together."""
-    return (_hw(aug.size), aug.interpolation, aug.blur_kernel, aug.mean, aug.std)
-
-
-def _view_groups(transform):
-    """A view transform built from Augment -> its views in output order, as groups of consecutive views made in
-    one batch (SimCLR's pair, ExCB's two global crops and its local crops); None for any other transform (it
-    needs the loader path)."""
-    if isinstance(transform, Augment):
-        views = [transform]
-    elif isinstance(transform, MultiView):
-        views = transform.transforms
-    elif isinstance(transform, MultiCrop):
-        views = list(transform.global_views) + [transform.local_view] * transform.n_local
-    else:
-        return None
-    if not views or not all(isinstance(t, Augment) for t in views):
-        return None
-    return [list(group) for _, group in itertools.groupby(views, _batch_key)]  # consecutive, same key
-
-
-def _step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
-    """The seed of one step's random parameters on one rank (SeedSequence mixes the four into 64 bits)."""
-    return int(np.random.SeedSequence([seed, epoch, step, rank]).generate_state(1, np.uint64)[0])
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU tensor -> the device, pinned and non_blocking on CUDA so the host never waits for the GPU."""
-    return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
-
-
-class DeviceLoader:
-    """EpochLoader's interface over a training set held on the training device as uint8 (N, 3, H, W), its views
-    made there in batches (this section's header). The same DistributedSampler permutation (or the given batch
-    sampler) picks each step's images, so ranks take disjoint shards of each epoch as on the loader path. Call
-    set_epoch(e) first; set_epoch(e, start_batch=k) resumes epoch e at its k-th batch with exactly the views an
-    uninterrupted run sees there, since a step's views depend only on (seed, epoch, step, rank). Yields
-    (views, labels): views a list of float (B, 3, h, w) normalised tensors on the device (channels_last on CUDA;
-    one tensor for a bare Augment), labels (B,) long on the device."""
-
+class DeviceLoader(EpochLoader):
+    """EpochLoader (its batches, set_epoch(e, start_batch=k)) over images held on the device as uint8 (N, 3, H, W),
+    views made there (the header). Yields (views, labels): views a list of float (B, 3, h, w) normalised tensors
+    on the device (channels_last on CUDA; one tensor for a bare Augment), labels (B,) long on the device."""
     path = "device"
 
     def __init__(self, images, labels, transform, batch_size: int, dist: DistInfo, seed: int = 0,
                  batch_sampler=None, shuffle: bool = True, drop_last: bool = True, skipped_images: int = 0):
-        self.groups = _view_groups(transform)
-        if self.groups is None:
-            raise UsageError("the device path makes views from common.Augment (alone, or in MultiView / MultiCrop) "
-                             f"only, not {type(transform).__name__}; use --data-path loader")
-        for aug in (a for group in self.groups for a in group):
-            if aug.blur_p > 0 and aug.blur_kernel // 2 >= min(_hw(aug.size)):
-                raise UsageError(f"a {aug.blur_kernel}-tap blur cannot reflect-pad a {aug.size} px view; "
-                                 f"lower the blur kernel or the blur probability")
-        self.images, self.labels, self.transform = images, labels, transform
-        self.single, self.seed, self.rank = isinstance(transform, Augment), seed, dist.rank
-        self.skipped_images, self.epoch, self.start = skipped_images, 0, 0
-        if batch_sampler is None:
-            self.sampler = DistributedSampler(range(len(labels)), num_replicas=dist.world_size, rank=dist.rank,
-                                              shuffle=shuffle, seed=seed, drop_last=drop_last)
-            batch_sampler = BatchSampler(self.sampler, batch_size, drop_last=drop_last)
-        else:
-            self.sampler = batch_sampler
-        self.batch_sampler = batch_sampler
-        if len(batch_sampler) == 0:
-            raise UsageError(f"the loader yields no batch: {len(labels)} images per epoch cannot fill a "
-                             f"batch of {batch_size} per rank x {dist.world_size} ranks; lower --batch-size")
+        self.groups = _view_groups(transform)  # not None: build_train_loader checked
+        for a in (a for gr in self.groups for a in gr if a.blur_p > 0 and a.blur_kernel // 2 >= min(_hw(a.size))):
+            raise UsageError(f"a {a.blur_kernel}-tap blur cannot reflect-pad a {a.size} px view; "
+                             f"lower the blur kernel or the blur probability")
+        super().__init__(range(len(labels)), batch_size, dist, 0, shuffle, drop_last, seed, batch_sampler)
+        self.images, self.labels, self.transform, self.seed, self.rank = images, labels, transform, seed, dist.rank
+        self.skipped_images = skipped_images
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.sampler.set_epoch(epoch)
-        set_epoch = getattr(self.transform, "set_epoch", None)  # MultiCrop's scale schedule
-        if set_epoch is not None:
-            set_epoch(epoch)
-        self.epoch, self.start = epoch, start_batch
-
-    def __len__(self):
-        """Batches in a whole epoch (whatever start_batch is)."""
-        return len(self.batch_sampler)
-
-    def __iter__(self):
-        for step, indices in enumerate(self.batch_sampler):
-            if step >= self.start:  # skipped batches cost their indices only
-                yield self.batch(self.epoch, step, indices)
+    def __iter__(self):  # self.batches: [(epoch, i), ...] from batch `start` on, the skipped ones cost nothing
+        getattr(self.transform, "set_epoch", lambda e: None)(self.batches.epoch)  # MultiCrop's scale schedule
+        for step, batch in enumerate(self.batches, self.batches.start):
+            yield self.batch(self.batches.epoch, step, [i for _, i in batch])
 
     def batch(self, epoch: int, step: int, indices) -> tuple:
-        """(views, labels) of the images `indices` at (epoch, step) on this rank."""
-        g = torch.Generator().manual_seed(_step_seed(self.seed, epoch, step, self.rank))
-        B, hw, device = len(indices), tuple(self.images.shape[-2:]), self.images.device
-        plans = [_plan(sample_view_params(group, B, hw, g)) for group in self.groups]  # rows: view 1's B, ...
-        idx = _to_device(torch.as_tensor(indices, dtype=torch.long), device)
-        plans = _to_device(torch.cat(plans), device).split([B * len(group) for group in self.groups])
-        views = []
-        for group, plan in zip(self.groups, plans):
-            x = render_views(self.images, idx.repeat(len(group)), plan, group)         # (V B, 3, h, w)
-            if x.is_cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
-            views.extend(x.split(B))
-        return (views[0] if self.single else views), self.labels.index_select(0, idx)
+        """(views, labels) of the images `indices` at (epoch, step) on this rank: a pure function of those."""
+        seed = np.random.SeedSequence([self.seed, epoch, step, self.rank]).generate_state(1, np.uint64)[0]
+        g, B, hw = torch.Generator().manual_seed(int(seed)), len(indices), self.images.shape[-2:]
+        plans = [{"idx": torch.as_tensor(indices, dtype=torch.long)}, *(sample_view_params(gr, B, hw, g)
+                                                                        for gr in self.groups)]
+        # one copy, float32 (exact for indices < 2^24), pinned and non_blocking on CUDA: the host never waits
+        flat = torch.cat([v.float().flatten() for p in plans for v in p.values()])
+        flat = (flat.pin_memory() if self.images.is_cuda else flat).to(self.images.device, non_blocking=True)
+        parts = iter(flat.split([v.numel() for p in plans for v in p.values()]))
+        plans = [{k: next(parts).view(v.shape).to(v.dtype) for k, v in p.items()} for p in plans]
+        x = self.images.index_select(0, plans[0]["idx"]).float().mul_(1.0 / 255)       # ToDtype(scale=True)
+        x, views = torch.cat([x, x.flip(-1)]), []                                         # for the plan's rois
+        for group, plan in zip(self.groups, plans[1:]):
+            v = render_views(x, plan, group)                                               # (V B, 3, h, w)
+            views += (v.contiguous(memory_format=torch.channels_last) if v.is_cuda else v).split(B)
+        return (views[0] if isinstance(self.transform, Augment) else views), self.labels[plans[0]["idx"]]
 
 
 # --- which path: the device path when the training set fits, the DataLoader otherwise -------------------------
@@ -997,121 +819,61 @@ DEVICE_MAX_SIDE = 96         # px: larger images (ImageNet) keep the DataLoader 
 DEVICE_MAX_BYTES = 8 << 30   # the device path never holds more than 8 GiB of images
 
 
-class _MixedSizes(ValueError):
-    pass
-
-
-def device_budget(device: torch.device) -> int:
-    """Bytes of images the device path may hold: 1/8 of the device's memory (CUDA: the GPU's; CPU: the physical
-    memory, shared by the ranks of this machine), at most DEVICE_MAX_BYTES."""
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-    else:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        total //= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return min(total // 8, DEVICE_MAX_BYTES)
-
-
-def _array_images(dataset):
-    """The uint8 (N, 3, H, W) images of torchvision's in-memory datasets and the digits (subset applied), or None
-    for sources read file by file."""
-    src = dataset.source
-    if isinstance(src, _DigitsSource):
-        images = src.images
-    elif isinstance(src, torchvision.datasets.CIFAR10):  # CIFAR-100 too (a subclass)
-        images = torch.from_numpy(src.data).permute(0, 3, 1, 2)
-    elif isinstance(src, torchvision.datasets.STL10):
-        images = torch.from_numpy(src.data)
-    else:
-        return None
-    return images if dataset.indices is None else images[dataset.indices]
-
-
-def _as_tensor_image(image) -> torch.Tensor:
-    return v2.functional.to_image(image).as_subclass(torch.Tensor)  # PIL or tensor -> uint8 (C, H, W)
-
-
-def _why_not_device(dataset, device: torch.device):
-    """build_train_loader's rule: None when the device path can hold the training set, else the reason."""
-    if _view_groups(dataset.transform) is None:
-        return f"the view transform ({type(dataset.transform).__name__}) is not built from common.Augment"
-    if len(dataset) == 0:
-        return "the dataset is empty"
-    images = _array_images(dataset)
-    first = images[0] if images is not None else _as_tensor_image(dataset.load(0)[0])
-    need, budget = len(dataset) * first.numel(), device_budget(device)
-    if first.shape[0] != 3:
-        return f"the images have {first.shape[0]} channels, not 3"
-    if max(first.shape[1:]) > DEVICE_MAX_SIDE:
-        return f"images of {first.shape[2]}x{first.shape[1]} px exceed {DEVICE_MAX_SIDE} px"
-    if need > budget:
-        return (f"{len(dataset):,} images take {need / 2**30:.1f} GiB as uint8, over the device path's "
-                f"{budget / 2**30:.1f} GiB budget on {device}")
-    return None
-
-
-def _all_images(dataset, workers: int):
-    """The training set as (uint8 (N, 3, H, W), labels (N,), files skipped) on the CPU: torchvision's arrays, or
-    every file decoded through dataset.load (subset, --skip-bad-images replacements and their labels included)
-    in `workers` threads. Raises _MixedSizes when the files differ in size."""
-    images = _array_images(dataset)
-    if images is not None:
-        return images.contiguous(), dataset.targets, 0
-    from concurrent.futures import ThreadPoolExecutor
-
-    def decode(i):
-        image, label, skipped = dataset.load(i)
-        return _as_tensor_image(image), label, skipped
-
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        decoded = pool.map(decode, range(len(dataset)))
-        first, label, skipped = next(decoded)
-        images = torch.empty((len(dataset), *first.shape), dtype=torch.uint8)
-        labels = torch.empty(len(dataset), dtype=torch.long)
-        images[0], labels[0] = first, label
-        for i, (image, label, k) in enumerate(decoded, start=1):
-            if image.shape != first.shape:
-                raise _MixedSizes(f"the images differ in size (image 0 is {tuple(first.shape)}, image {i} "
-                                  f"{tuple(image.shape)}); the DataLoader path crops each on its own")
-            images[i], labels[i], skipped = image, label, skipped + k
-    return images, labels, skipped
-
-
 def build_train_loader(dataset, batch_size: int, dist: DistInfo, data_path: str = "auto", workers: int = 0,
                        seed: int = 0, batch_sampler=None):
-    """The training loader: DeviceLoader (images on the training device, views made there in batches) or
-    EpochLoader (DataLoader workers, views made image by image). `batch_size` is PER RANK. Both yield the same
-    images per step and take set_epoch(epoch, start_batch).
-
-    data_path: "loader" forces EpochLoader; "device" forces DeviceLoader (a UsageError says why when it cannot
-    be used); "auto" takes the device path when all of these hold, else the loader path:
-      - the view transform is common.Augment, or a MultiView / MultiCrop of them;
-      - the stored images are RGB, at most DEVICE_MAX_SIDE = 96 px a side (ImageNet keeps the DataLoader), and
-        all of one size (checked while decoding file-backed sets);
-      - as uint8, N x 3 x H x W bytes fit the budget (device_budget): 1/8 of the training device's memory (GPU
-        memory on CUDA; physical memory / ranks on this machine on CPU), at most 8 GiB. CIFAR-10 takes 147 MiB.
-    File-backed sets (ImageFolder) are decoded once here, in `workers` threads. Prints one line: which path, why.
-    """
+    """The training loader, `batch_size` PER RANK: DeviceLoader (views made on the device in batches) or
+    EpochLoader (DataLoader workers), the same images per step. data_path "loader" or "device" forces one (a
+    UsageError says why the device path cannot be); "auto" takes the device path when the views are built from
+    Augment and the images are RGB, of one size, at most DEVICE_MAX_SIDE px a side, within 1/8 of the device's
+    memory as uint8 (on CPU per rank; at most 8 GiB; CIFAR-10: 147 MiB). Prints one line: which path, why."""
     if data_path not in ("auto", "device", "loader"):
         raise UsageError(f"--data-path takes auto, device or loader (got {data_path!r})")
-    t0 = time.perf_counter()
-    why_not = "--data-path loader" if data_path == "loader" else _why_not_device(dataset, dist.device)
-    if why_not is None:
-        try:
-            images, labels, skipped = _all_images(dataset, workers)
-        except _MixedSizes as e:
-            why_not = str(e)
-    if why_not is not None:
+    t0, device = time.perf_counter(), dist.device  # the budget: 1/8 of its memory (on CPU: the machine's ranks')
+    total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else
+             os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    budget = min(total // 8, DEVICE_MAX_BYTES)
+
+    def device_images():  # the training set as (uint8 (N, 3, H, W), labels, files skipped) on the CPU, or why not
+        if _view_groups(dataset.transform) is None:
+            return f"the view transform ({type(dataset.transform).__name__}) is not built from common.Augment"
+        if len(dataset) == 0:
+            return "the dataset is empty"
+        src = dataset.source  # the digits and torchvision's in-memory sets (CIFAR10: CIFAR-100 too, a subclass)
+        as_image = lambda image: v2.functional.to_image(image).as_subclass(torch.Tensor)  # noqa: E731 (uint8 CHW)
+        array = (src.images if isinstance(src, _DigitsSource) else torch.from_numpy(src.data).permute(0, 3, 1, 2)
+                 if isinstance(src, torchvision.datasets.CIFAR10) else torch.from_numpy(src.data)
+                 if isinstance(src, torchvision.datasets.STL10) else None)
+        array = array[dataset.indices] if array is not None and dataset.indices is not None else array
+        first = array[0] if array is not None else as_image(dataset.load(0)[0])
+        if first.shape[0] != 3:
+            return f"the images have {first.shape[0]} channels, not 3"
+        if max(first.shape[1:]) > DEVICE_MAX_SIDE:
+            return f"images of {first.shape[2]}x{first.shape[1]} px exceed {DEVICE_MAX_SIDE} px"
+        if (need := len(dataset) * first.numel()) > budget:
+            return (f"{len(dataset):,} images take {need / 2**30:.1f} GiB as uint8, over the device path's "
+                    f"{budget / 2**30:.1f} GiB budget on {device}")
+        if array is not None:
+            return array.contiguous(), dataset.targets, 0
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            images, labels, skipped = zip(*pool.map(dataset.load, range(len(dataset))))
+        images = [as_image(image) for image in images]
+        for i in (i for i, image in enumerate(images) if image.shape != first.shape):
+            return (f"the images differ in size (image 0 is {tuple(first.shape)}, image {i} "
+                    f"{tuple(images[i].shape)}); the DataLoader path crops each on its own")
+        return torch.stack(images), torch.tensor(labels, dtype=torch.long), sum(skipped)
+
+    got = "--data-path loader" if data_path == "loader" else device_images()
+    if isinstance(got, str):
         if data_path == "device":
-            raise UsageError(f"--data-path device is impossible here: {why_not}; use --data-path loader or auto")
-        print0(f"data path: loader (DataLoader, views made image by image in {workers} worker(s)): {why_not}")
+            raise UsageError(f"--data-path device is impossible here: {got}; use --data-path loader or auto")
+        print0(f"data path: loader (DataLoader, views made image by image in {workers} worker(s)): {got}")
         return EpochLoader(dataset, batch_size, dist, workers, seed=seed, batch_sampler=batch_sampler)
-    loader = DeviceLoader(images.to(dist.device), labels.to(dist.device), dataset.transform, batch_size, dist, seed,
+    images, labels, skipped = got
+    loader = DeviceLoader(images.to(device), labels.to(device), dataset.transform, batch_size, dist, seed,
                           batch_sampler, skipped_images=skipped)
     print0(f"data path: device ({data_path}): {len(images):,} images of {'x'.join(map(str, images.shape[1:]))} "
-           f"held on {dist.device} as uint8 ({images.numel() / 2**20:.1f} MiB of a "
-           f"{device_budget(dist.device) / 2**30:.1f} GiB budget; ready in {time.perf_counter() - t0:.1f} s), "
-           f"views made there in batches")
+           f"held on {device} as uint8 ({images.numel() / 2**20:.1f} MiB of a {budget / 2**30:.1f} GiB budget; "
+           f"ready in {time.perf_counter() - t0:.1f} s), views made there in batches")
     return loader
 
 
