@@ -6,10 +6,9 @@ intrinsic dimension), their Pearson / Spearman / Kendall correlation with the pr
 
 Paper: Xu, Lowe, Trappenberg, "Label-free Monitoring of Self-Supervised Learning Progress", IEEE CCECE 2022,
 arXiv 2409.06612: do the silhouette of k-means clusters (S_1), the agreement of two k-means clusterings
-(AMI(C_1; C_2)) and the embedding entropy (H(Z_3)) track the linear-probe accuracy over a run? It has no code:
-what it leaves open is a flag whose default is marked "our choice n", item n of
-docs/monitor.md#our-choices-where-the-papers-are-silent (the reasons are there). Extras: RankMe, alpha-ReQ,
-LiDAR, TwoNN (references at each function). The METRICS section: pure functions on an (N, D) tensor.
+(AMI(C_1; C_2)) and the embedding entropy (H(Z_3)) track the linear-probe accuracy over a run? It has no code;
+an open point is a flag whose default is "our choice n", with its reasons in item n of
+docs/monitor.md#our-choices-where-the-papers-are-silent. Extras: RankMe, alpha-ReQ, LiDAR, TwoNN.
 
 Commands (docs/monitor.md#usage; timings: docs/monitor.md#speed-measured):
     python monitor.py runs/x                               # every checkpoint: monitor.csv, correlations, plots
@@ -68,8 +67,7 @@ def kmeans_labels(x, n_clusters, seed, n_init=3):
 def silhouette(x, labels, sample_size=None, seed=0):
     """Mean silhouette coefficient of a clustering, Euclidean, in the original space (not UMAP-reduced).
     NaN when it is undefined (fewer than 2 or more than N-1 distinct clusters, e.g. a collapsed embedding)."""
-    n_labels = len(np.unique(labels))
-    if n_labels < 2 or n_labels > len(labels) - 1:
+    if not 2 <= len(np.unique(labels)) <= len(labels) - 1:
         return float("nan")
     sample_size = sample_size if sample_size and sample_size < len(labels) else None  # else sklearn only permutes
     return float(silhouette_score(_np32(x), labels, metric="euclidean", sample_size=sample_size,
@@ -85,9 +83,7 @@ def kmeans_silhouette(x, n_clusters, seed, sample_size=None, n_init=3):
 def clustering_agreement(x_a, x_b, n_clusters, seed, seed_b=None, n_init=3, labels_a=None):
     """AMI(C_1; C_2): adjusted mutual information of the k-means clusterings of two embedding sets of the SAME
     images (row i of x_a and x_b is image i); labels_a: C_1 if already computed for x_a with (n_clusters, seed).
-    our choice 4 (--pairing, in the note): "views": x_a = clean images, x_b = one augmented view of each, same
-    k-means seed; "seeds": x_b = x_a, k-means seeds `seed` and `seed_b`. AMI: sklearn's arithmetic normalisation.
-    """
+    our choice 4: --pairing views (x_b = an augmented view, same seed) or seeds (x_b = x_a, seed_b)."""
     seed_b = seed if seed_b is None else seed_b
     if labels_a is None:
         labels_a = kmeans_labels(x_a, n_clusters, seed, n_init)
@@ -96,18 +92,15 @@ def clustering_agreement(x_a, x_b, n_clusters, seed, seed_b=None, n_init=3, labe
 
 
 def gaussian_entropy(x, eps=1e-6):
-    """Differential entropy (nats) of the Gaussian with the sample covariance of x (N, D):
-        H = D/2 * log(2 pi e) + 1/2 * log det(Sigma + eps I).
-    An upper bound on H(Z) (the Gaussian has the largest entropy for a given covariance). our choice 7:
-    eps = 1e-6 absolute (units squared)."""
+    """Differential entropy (nats) of the Gaussian with the sample covariance of x (N, D), an upper bound on H(Z):
+        H = D/2 * log(2 pi e) + 1/2 * log det(Sigma + eps I).   our choice 7: eps = 1e-6 absolute (units^2)."""
     logdet = (covariance_spectrum(x) + eps).log().sum()  # log det(Sigma + eps I) from the eigenvalues of Sigma
     return float(0.5 * x.shape[1] * math.log(2 * math.pi * math.e) + 0.5 * logdet)
 
 
 def knn_distances(x, k, chunk=1024):
-    """Euclidean distances of each row of x (N, D) to its k nearest other rows, ascending -> (N, k) float64.
-    The candidates come from a float32 Gram matrix (|a|^2 + |b|^2 - 2ab on centred rows, chunked: O(N^2 D));
-    their distances are then recomputed exactly in float64 from the rows, so near-duplicates do not round to 0."""
+    """Euclidean distances of each row of x (N, D) to its k nearest other rows, ascending -> (N, k) float64: the
+    candidates of a float32 Gram matrix (chunked, O(N^2 D)), recomputed in float64 (near-duplicates stay > 0)."""
     x64 = _t64(x)
     x = (x64 - x64.mean(0, keepdim=True)).float()  # translation-invariant; centred, |a|^2 + |b|^2 - 2ab is stable
     sq = (x * x).sum(1)
@@ -137,8 +130,7 @@ def intrinsic_dimension(x):
     mu_i = r2_i / r1_i, the ratio of a point's distances to its 2nd and 1st nearest neighbours, follows for
     locally uniform data on a d-dimensional manifold the Pareto law F(mu) = 1 - mu^(-d), whatever the density.
     our choice 12: its MLE, N - 1 for N: d = (N - 1) / sum_i log mu_i, over the distinct rows (r1 > 0); NaN with
-    fewer than 3. A collapsed embedding gives a low value.
-    """
+    fewer than 3. A collapsed embedding gives a low value."""
     x = np.unique(_np32(x), axis=0)  # (N', D) distinct rows: every r1 > 0
     if len(x) < 3:
         return float("nan")
@@ -155,11 +147,10 @@ def embedding_entropy(x, estimator="gaussian", eps=1e-6, k=3):
 
 
 def rankme(x, eps=1e-7, center=False):
-    """RankMe (Garrido et al., ICML 2023, Eq. (1)): the exponential of the entropy of the normalised singular values,
+    """RankMe (Garrido et al., ICML 2023, Eq. (1)): the exponential of the entropy of the normalised singular values
         p_k = sigma_k / ||sigma||_1 + eps,   RankMe = exp(-sum_k p_k log p_k).
-    It is a smooth rank: ~r for rank-r data with a flat spectrum, ~min(N, D) for isotropic data.
-    our choice 8: eps = 1e-7, no centring (the paper's); center=True: the covariance's rank (an offset adds none).
-    """
+    A smooth rank: ~r for rank-r data with a flat spectrum, ~min(N, D) for isotropic data. our choice 8: eps =
+    1e-7, no centring (the paper's); center=True: the covariance's rank (a mean offset then adds none)."""
     x = _t64(x)
     s = torch.linalg.svdvals(x - x.mean(0, keepdim=True) if center else x)  # (min(N, D),)
     p = s / s.sum().clamp_min(1e-300) + eps
@@ -174,11 +165,9 @@ def covariance_spectrum(x):
 
 
 def alpha_req(x, fit_range=(0.0, 0.5)):
-    """alpha-ReQ (Agrawal et al., NeurIPS 2022): fit lambda_k ~ k^(-alpha) by least squares of log lambda_k on log k.
-    Returns {"alpha", "r2", "fit_lo", "fit_hi"}: the fitted decay, the R^2 of the log-log fit and the 1-based
-    eigenvalue ranks it used (inclusive). our choice 9: ranks in (fit_range[0] * r, fit_range[1] * r], r = the
-    number of eigenvalues above 1e-12 * lambda_1 (the numerical rank).
-    """
+    """alpha-ReQ (Agrawal et al., NeurIPS 2022): fit lambda_k ~ k^(-alpha), least squares of log lambda_k on log k
+    -> {"alpha", "r2" (of the log-log fit), "fit_lo", "fit_hi" (the 1-based ranks used)}. our choice 9: ranks in
+    (fit_range[0] * r, fit_range[1] * r], r = the number of eigenvalues above 1e-12 * lambda_1."""
     lam = covariance_spectrum(x)
     r = int((lam > lam[0] * 1e-12).sum()) if lam[0] > 0 else 0
     lo, hi = int(fit_range[0] * r) + 1, int(fit_range[1] * r)  # int() floors: both are >= 0
@@ -219,16 +208,14 @@ def lidar(views, delta=1e-4, eps=1e-8):
 def correlation_report(metric, probe, skip_early=0):
     """Pearson, Spearman and Kendall (tau-b) correlation of a metric series with the probe accuracy series
     (one value per checkpoint, in epoch order), after dropping the first `skip_early` checkpoints and any
-    checkpoint where either value is NaN. our choice 11: all three, with and without the early checkpoints.
-    Returns {"n", "pearson", "spearman", "kendall"}, NaN where undefined (fewer than 3 points, a constant series).
-    """
+    checkpoint where either value is NaN (our choice 11) -> {"n", "pearson", "spearman", "kendall"}, NaN where
+    undefined (fewer than 3 points, a constant series)."""
     m, p = (np.asarray(v, dtype=np.float64)[skip_early:] for v in (metric, probe))
     ok = np.isfinite(m) & np.isfinite(p)
     m, p = m[ok], p[ok]
     defined = len(m) >= 3 and np.ptp(m) > 0 and np.ptp(p) > 0
-    return {"n": int(ok.sum()), **{name: float(fn(m, p)[0]) if defined else float("nan") for name, fn in
-                                   (("pearson", stats.pearsonr), ("spearman", stats.spearmanr),
-                                    ("kendall", stats.kendalltau))}}
+    tests = {"pearson": stats.pearsonr, "spearman": stats.spearmanr, "kendall": stats.kendalltau}
+    return {"n": int(ok.sum()), **{k: float(fn(m, p)[0]) if defined else float("nan") for k, fn in tests.items()}}
 
 # ===================================== CONFIG (every default: docs/monitor.md) =================================
 def _f(default, help, **check):
@@ -297,8 +284,7 @@ MOVED = {"--analysis": _ANALYZE, "--ridge-lambda": "the ridge probe was removed:
 
 
 def parse(argv=None):
-    """common.parse_args plus RUN_DIR as an optional first positional argument; removed flags are refused, and
-    sample counts no metric can work with are usage errors (exit 2) before any work."""
+    """common.parse_args; RUN_DIR may come first; removed flags and unusable counts are usage errors (exit 2)."""
     argv = common.path_first(argv, "--run-dir")
     for i, a in enumerate(argv):
         flag, _, value = a.partition("=")
@@ -333,12 +319,12 @@ def check_sizes(args, n_clusters):
 
 # ===================================== METRIC SET: every label-free metric of one embedding ====================
 def label_free_metrics(x, n_clusters, args, x_aug=None, views=None, timings=None):
-    """All label-free metrics of x (N, D). x_aug (N, D): one augmented view of the same images (pairing
-    "views"); views (n, q, D): LiDAR's views. Returns ({metric: (value, note)}, C_1 labels)."""
+    """All label-free metrics of x (N, D); x_aug (N, D): an augmented view of each image (pairing "views"); views
+    (n, q, D): LiDAR's. -> ({metric: (value, note)}, C_1); timings[timer] += (wall, CPU) seconds."""
     timings = {} if timings is None else timings
     out, progress = {}, common.Progress("metric set", 9, "metrics")
-    def timed(name, fn, note=None, timer=None):  # fn()'s value, as out[name] if noted; its (wall, CPU) seconds
-        t, c = time.perf_counter(), time.process_time()  # added to timings[timer or name] (shared machine: CPU)
+    def timed(name, fn, note=None, timer=None):  # fn()'s value, kept as out[name] when it has a note
+        t, c = time.perf_counter(), time.process_time()
         value = fn()
         w0, c0 = timings.get(timer or name, (0.0, 0.0))
         timings[timer or name] = (w0 + time.perf_counter() - t, c0 + time.process_time() - c)
@@ -370,9 +356,8 @@ def label_free_metrics(x, n_clusters, args, x_aug=None, views=None, timings=None
 
 
 def read_probe_csv(path, preference, dataset=None):
-    """probe.py's probe.csv (columns checkpoint, epoch, method, [features, dataset,] probe, metric, value) ->
-    ({epoch: value}, "probe metric") for the first "probe:metric" of `preference` that has rows, on backbone
-    features of the run's own dataset (not a transfer); ({}, None) when none has."""
+    """probe.py's probe.csv -> ({epoch: value}, "probe metric") for the first "probe:metric" of `preference` with
+    rows on backbone features of the run's own dataset (not a transfer); ({}, None) when none has."""
     if not Path(path).is_file():
         return {}, None
     with open(path, newline="") as f:
@@ -393,8 +378,7 @@ class _Views(torch.utils.data.Dataset):
     def __init__(self, base, transform, n_views=1, n_images=None):
         self.base = copy.copy(base)  # same images and subset (common.ImageDataset), raw: no eval transform
         self.base.transform = None
-        self.transform, self.q = transform, n_views
-        self.n = len(base) if n_images is None else min(n_images, len(base))
+        self.transform, self.q, self.n = transform, n_views, min(n_images or len(base), len(base))
 
     def __len__(self):
         return self.n * self.q
@@ -405,28 +389,25 @@ class _Views(torch.utils.data.Dataset):
 
 
 class Data:
-    """The run's images, built from the first checkpoint (a run shares its dataset). our choice 5: each set is
-    transformed once, on one thread, from a fixed seed (docs/monitor.md#speed-measured), and kept up to --cache-gb
-    (above: redone per checkpoint from the same seed, the same for a given --workers): the same views for all."""
+    """The run's images (from the first checkpoint). our choice 5: each set is transformed once, on one thread,
+    from a fixed seed and kept up to --cache-gb (above: redone per checkpoint from the same seed): same views."""
     def __init__(self, meta, args):
         self.meta, self.args = meta, args
-
-    def _dl(self, ds):
-        return torch.utils.data.DataLoader(ds, batch_size=self.args.batch_size, num_workers=self.args.workers)
 
     @functools.cache  # one loader per (split, subset, kind, views, seed), for the whole run
     def loader(self, split, subset, kind="clean", n_views=1, n_images=None, seed=0):
         a, d = self.args, self.meta["data"]
+        dl = functools.partial(torch.utils.data.DataLoader, batch_size=a.batch_size, num_workers=a.workers)
         loader = common.eval_loader(self.meta, split, a.data_dir or None, a.batch_size, a.workers, subset=subset)
         size = int(d["image_size"])
         if kind == "aug":
             aug = common.Augment(size, scale=a.view_scale, mean=d["mean"], std=d["std"])
-            loader = self._dl(_Views(loader.dataset, aug, n_views, n_images))
+            loader = dl(_Views(loader.dataset, aug, n_views, n_images))
         if len(loader.dataset) * 3 * size * size * 4 <= a.cache_gb * 2**30:
             with common.cpu_threads(1), torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 x, y = zip(*loader)
-            loader = self._dl(torch.utils.data.TensorDataset(torch.cat(x), torch.cat(y)))
+            loader = dl(torch.utils.data.TensorDataset(torch.cat(x), torch.cat(y)))
         return loader
 
 
@@ -453,8 +434,7 @@ def load_checkpoint(path, device):
 
 
 def validate_checkpoints(paths, skip_damaged):
-    """Read every checkpoint once before any work: a damaged or empty file stops the run (one line naming it and
-    --skip-damaged, exit 1) or, with skip_damaged, is skipped with a warning. -> (readable paths, their metas)."""
+    """Read every checkpoint before any work: a damaged or empty one stops the run or is skipped -> (paths, metas)"""
     good, metas = [], []
     for p in paths:
         try:
@@ -472,8 +452,7 @@ def validate_checkpoints(paths, skip_damaged):
 
 # ===================================== OUTPUTS: every file through a temporary name, figures ===================
 def save(path, write):
-    """Write one output atomically: write(tmp), then os.replace (common.write_csv's scheme). A full disk leaves
-    the previous file intact and ends in one line naming it, exit 1."""
+    """write(tmp), then os.replace: a full disk leaves the previous file intact, one line naming it, exit 1."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
@@ -486,14 +465,12 @@ def save(path, write):
 
 
 def plot(series, x, title, path, epochs=None, corr=None):
-    """One panel per metric: against epoch (epochs None), or against the probe accuracy x with one point per
-    checkpoint coloured by epoch and the correlations over all checkpoints in the panel's title."""
+    """One panel per metric against epoch (epochs None), or against the probe accuracy x (colour: epoch)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
-    ncols = min(4, max(len(series), 1))
-    nrows = max(1, math.ceil(len(series) / ncols))
+    ncols, nrows = min(4, max(len(series), 1)), max(1, math.ceil(len(series) / 4))
     width, height = 3.3 * ncols, 3.0 * nrows + 0.7
     fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False)
     fig.subplots_adjust(left=0.8 / width, right=1 - (0.9 if epochs else 0.2) / width, bottom=0.5 / height,
@@ -527,8 +504,7 @@ def plot(series, x, title, path, epochs=None, corr=None):
 
 
 def report(rows, names, epochs, feature_sets, probe_note, skip_early, title, out):
-    """Correlation of every monitored metric with the probe accuracy (all checkpoints, and without the first
-    `skip_early`), monitor_correlations.csv and the two figures per feature set. -> (rows, files written)."""
+    """Correlations with the probe, monitor_correlations.csv, 2 figures per feature set -> (rows, files)."""
     table = {(r["checkpoint"], r["features"], r["metric"]): r["value"] for r in rows}
     def series_of(metric, features):  # one value per checkpoint, NaN where it was not computed
         return [table.get((c, features, metric), float("nan")) for c in names]
@@ -552,8 +528,7 @@ def report(rows, names, epochs, feature_sets, probe_note, skip_early, title, out
 
 # ===================================== MAIN: every checkpoint -> monitor.csv, correlations, plots ==============
 def benchmark(args):
-    """--benchmark N: the full metric set on N x 512 synthetic clustered embeddings, subsampled to --max-samples
-    rows as the CLI does, with LiDAR on (lidar_images, lidar_views) views. Prints seconds per metric."""
+    """--benchmark N: the CLI's metric set (same flags) on N x 512 synthetic clustered embeddings -> seconds."""
     g = torch.Generator().manual_seed(args.seed)
     n, d, k = args.benchmark, 512, args.n_clusters or 10
     x = (3.0 * torch.randn(k, d, generator=g))[torch.arange(n) % k] + torch.randn(n, d, generator=g)
@@ -579,8 +554,7 @@ def main(argv=None):
 
 
 def monitor_checkpoint(path, args, data, device, feature_sets, probe):
-    """One checkpoint -> its monitor.csv rows (every label-free metric per feature set, ami_gt, probe_acc) and
-    the number of images used. probe = (mode, {epoch: accuracy from probe.csv}, note)."""
+    """One checkpoint -> (its monitor.csv rows, images used); probe = (mode, {epoch: probe.csv value}, note)"""
     backbone, heads, meta = load_checkpoint(path, device)
     epoch, rows, (probe_mode, csv_acc, probe_note) = int(meta["epoch"]), [], probe
     def add(features, metric, value, note=""):  # one monitor.csv row, in COLUMNS' order
@@ -620,14 +594,12 @@ def monitor_checkpoint(path, args, data, device, feature_sets, probe):
 
 
 def monitor_run(args):
-    """Every checkpoint of args.run_dir -> monitor.csv, correlations, plots. Every check (flags, output
-    directory, checkpoints, sample counts) happens before the first feature is computed."""
-    t_start = time.perf_counter()
-    paths, run_dir = common.list_checkpoints(args.run_dir), common.run_dir_of(args.run_dir)
+    """Every checkpoint of args.run_dir -> monitor.csv, correlations, plots; all checks before the first feature"""
+    t_start, run_dir = time.perf_counter(), common.run_dir_of(args.run_dir)
+    paths, metas = validate_checkpoints(common.list_checkpoints(args.run_dir), args.skip_damaged)
     out = Path(args.out_dir or run_dir)  # tried before any work: an OSError is common.run's line (--out-dir)
     out.mkdir(parents=True, exist_ok=True)
     tempfile.TemporaryFile(dir=out).close()  # O_TMPFILE: nothing visible, no data (a full disk: save's line)
-    paths, metas = validate_checkpoints(paths, args.skip_damaged)
     meta0, epochs = metas[0], [int(m["epoch"]) for m in metas]
     check_sizes(args, args.n_clusters or int(meta0["data"].get("num_classes") or 0) or 2)
     has_proj = all("projector" in m["heads"] for m in metas)  # projector only when every checkpoint stores one
