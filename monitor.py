@@ -147,7 +147,7 @@ def embedding_entropy(x, estimator="gaussian", eps=1e-6, k=3):
 
 
 def rankme(x, eps=1e-7, center=False):
-    """RankMe (Garrido et al., ICML 2023, Eq. (1)): the exponential of the entropy of the normalised singular values
+    """RankMe (Garrido et al., ICML 2023, Eq. (1)): the exponential of the entropy of normalised singular values
         p_k = sigma_k / ||sigma||_1 + eps,   RankMe = exp(-sum_k p_k log p_k).
     A smooth rank: ~r for rank-r data with a flat spectrum, ~min(N, D) for isotropic data. our choice 8: eps =
     1e-7, no centring (the paper's); center=True: the covariance's rank (a mean offset then adds none)."""
@@ -434,7 +434,7 @@ def load_checkpoint(path, device):
 
 
 def validate_checkpoints(paths, skip_damaged):
-    """Read every checkpoint before any work: a damaged or empty one stops the run or is skipped -> (paths, metas)"""
+    """Read every checkpoint first: a damaged or empty one stops the run or is skipped. -> (paths, metas)"""
     good, metas = [], []
     for p in paths:
         try:
