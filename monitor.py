@@ -5,27 +5,22 @@ intrinsic dimension), their Pearson / Spearman / Kendall correlation with the pr
 (probe.py's probe.csv, or a k-NN probe), and plots of both.
 
 Paper: Xu, Lowe, Trappenberg, "Label-free Monitoring of Self-Supervised Learning Progress", IEEE CCECE 2022,
-arXiv 2409.06612. It asks whether metrics computed without labels track the linear-probe accuracy over a run:
-the silhouette score of k-means clusters (S_1), the agreement of two k-means clusterings (AMI(C_1; C_2)) and the
-entropy of the embedding distribution (H(Z_3)). No official code exists and only the abstract and summaries were
-readable, so everything the paper leaves open is a flag, and its default is marked "our choice" below.
-Extras: RankMe (Garrido et al., ICML 2023), alpha-ReQ (Agrawal et al., NeurIPS 2022), LiDAR (Thilak et al.,
-ICLR 2024), TwoNN intrinsic dimension (Facco et al., Sci. Rep. 2017). The clustering analyses of the method
-papers are subcommands of their method files: `python resa.py analyze RUN_DIR`, `python excb.py analyze RUN_DIR`.
+arXiv 2409.06612: do the silhouette of k-means clusters (S_1), the agreement of two k-means clusterings
+(AMI(C_1; C_2)) and the embedding entropy (H(Z_3)) track the linear-probe accuracy over a run? It has no code;
+an open point is a flag whose default is "our choice n", with its reasons in item n of
+docs/monitor.md#our-choices-where-the-papers-are-silent. Extras: RankMe, alpha-ReQ, LiDAR, TwoNN.
 
-Commands (docs/monitor.md has the details):
+Commands (docs/monitor.md#usage; timings: docs/monitor.md#speed-measured):
     python monitor.py runs/x                               # every checkpoint: monitor.csv, correlations, plots
     python monitor.py runs/x --features all --pairing seeds --skip-early 2
     python monitor.py --benchmark 10000                    # time the metric set on 10,000 x 512 embeddings
 Outputs (in RUN_DIR, or --out-dir): monitor.csv (long format, COLUMNS below), monitor_correlations.csv,
-monitor_config.json, monitor_epoch_<features>.png, monitor_probe_<features>.png. Timings: docs/monitor.md.
-
-Reading guide: the METRICS section holds pure functions on an (N, D) tensor, each usable on its own. The paper
-tags are `# Sec.`/`# Eq.` of the respective papers; `# our choice:` marks a default the paper does not fix.
+monitor_config.json, monitor_epoch_<features>.png, monitor_probe_<features>.png.
 """
 
 import copy
 import csv
+import functools
 import json
 import math
 import os
@@ -50,25 +45,19 @@ import common
 # ===================================== METRICS: pure functions on an (N, D) embedding tensor (no labels) =======
 # Symbols: x (N, D) embeddings of N images; K the number of k-means clusters; C_1, C_2 two clusterings (label
 # vectors of length N); views (n, q, D) q augmented views of each of n images (LiDAR).
-
-
-def _np32(x):
-    """(N, D) tensor or array -> C-contiguous float32 numpy array (what scikit-learn's k-means runs on)."""
-    x = x.detach().cpu().float().numpy() if torch.is_tensor(x) else x
-    return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
-
-
 def _t64(x):
     """(N, D) tensor or array -> float64 torch tensor: spectra and log-determinants need the precision."""
     return torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).detach().cpu().double()
 
 
+def _np32(x):
+    """(N, D) tensor or array -> C-contiguous float32 numpy array (what scikit-learn's k-means runs on)."""
+    return np.ascontiguousarray(_t64(x).numpy(), dtype=np.float32)
+
+
 def kmeans_labels(x, n_clusters, seed, n_init=3):
     """k-means (scikit-learn, k-means++ init, Lloyd) on (N, D) -> cluster ids (N,) int64.
-
-    our choice: n_init=3 restarts (the paper does not say; sklearn's "auto" is 1). One restart makes the
-    seeds-pairing agreement mostly measure k-means noise; 10 costs ~3x more for little change on our runs.
-    """
+    our choice 3: n_init=3 restarts (sklearn's "auto" is 1)."""
     km = KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed)
     with warnings.catch_warnings():  # a collapsed embedding gives fewer distinct points than K: not an error here
         warnings.simplefilter("ignore")
@@ -77,38 +66,24 @@ def kmeans_labels(x, n_clusters, seed, n_init=3):
 
 def silhouette(x, labels, sample_size=None, seed=0):
     """Mean silhouette coefficient of a clustering, Euclidean, in the original space (not UMAP-reduced).
-
-    NaN when it is undefined (fewer than 2 or more than N-1 distinct clusters, e.g. a collapsed embedding).
-    """
-    n_labels = len(np.unique(labels))
-    if n_labels < 2 or n_labels > len(labels) - 1:
+    NaN when it is undefined (fewer than 2 or more than N-1 distinct clusters, e.g. a collapsed embedding)."""
+    if not 2 <= len(np.unique(labels)) <= len(labels) - 1:
         return float("nan")
-    if sample_size is not None and sample_size >= len(labels):
-        sample_size = None  # sklearn would only permute: use every row
+    sample_size = sample_size if sample_size and sample_size < len(labels) else None  # else sklearn only permutes
     return float(silhouette_score(_np32(x), labels, metric="euclidean", sample_size=sample_size,
                                   random_state=seed))
 
 
 def kmeans_silhouette(x, n_clusters, seed, sample_size=None, n_init=3):
-    """S_1 of the paper: k-means clustering C_1 of x, then its silhouette score (Euclidean, original space).
-
-    sample_size: silhouette on a random subset of that many rows (cost O(sample_size^2 D)); None = all rows.
-    (The CLI calls kmeans_labels and silhouette itself, to reuse C_1 for the agreement and the ground-truth AMI.)
-    """
+    """S_1 of the paper: k-means clustering C_1 of x, then its silhouette score on a random subset of sample_size
+    rows (cost O(sample_size^2 D); None = all). The CLI reuses C_1 (agreement, AMI vs labels) instead."""
     return silhouette(x, kmeans_labels(x, n_clusters, seed, n_init), sample_size, seed)
 
 
 def clustering_agreement(x_a, x_b, n_clusters, seed, seed_b=None, n_init=3, labels_a=None):
     """AMI(C_1; C_2): adjusted mutual information of the k-means clusterings of two embedding sets of the SAME
-    images (row i of x_a and x_b is image i).
-
-    Pairings used by the CLI (flag --pairing, written in the metric name):
-      "views": x_a = clean images, x_b = one augmented view of each, same k-means seed (does the clustering
-               survive the augmentations the network was trained to ignore?);
-      "seeds": x_b = x_a, k-means seeds `seed` and `seed_b` (is the cluster structure well defined?).
-    our choice: AMI with sklearn's default arithmetic normalisation; the paper names AMI, not the variant.
-    labels_a: C_1 if already computed for x_a with the same (n_clusters, seed).
-    """
+    images (row i of x_a and x_b is image i); labels_a: C_1 if already computed for x_a with (n_clusters, seed).
+    our choice 4: --pairing views (x_b = an augmented view, same seed) or seeds (x_b = x_a, seed_b)."""
     seed_b = seed if seed_b is None else seed_b
     if labels_a is None:
         labels_a = kmeans_labels(x_a, n_clusters, seed, n_init)
@@ -117,30 +92,17 @@ def clustering_agreement(x_a, x_b, n_clusters, seed, seed_b=None, n_init=3, labe
 
 
 def gaussian_entropy(x, eps=1e-6):
-    """Differential entropy (nats) of the Gaussian with the sample covariance of x (N, D):
-        H = D/2 * log(2 pi e) + 1/2 * log det(Sigma + eps I).
-    The Gaussian has the largest entropy for a given covariance, so this is an upper bound on H(Z) and a
-    function of the spectrum only.
-    our choice: eps = 1e-6 absolute, in the embedding's units squared. It keeps log det finite when N <= D or
-    the embedding has collapsed dimensions; each collapsed dimension then contributes 1/2 log(2 pi e eps)
-    ~ -5.5 nats, so collapse still shows as a drop. Unbiased covariance (N - 1), float64.
-    """
-    x = _t64(x)
-    n, d = x.shape
-    xc = x - x.mean(0, keepdim=True)
-    cov = xc.T @ xc / max(n - 1, 1)  # (D, D)
-    logdet = torch.linalg.slogdet(cov + eps * torch.eye(d, dtype=cov.dtype))[1]
-    return float(0.5 * d * math.log(2 * math.pi * math.e) + 0.5 * logdet)
+    """Differential entropy (nats) of the Gaussian with the sample covariance of x (N, D), an upper bound on H(Z):
+        H = D/2 * log(2 pi e) + 1/2 * log det(Sigma + eps I).   our choice 7: eps = 1e-6 absolute (units^2)."""
+    logdet = (covariance_spectrum(x) + eps).log().sum()  # log det(Sigma + eps I) from the eigenvalues of Sigma
+    return float(0.5 * x.shape[1] * math.log(2 * math.pi * math.e) + 0.5 * logdet)
 
 
 def knn_distances(x, k, chunk=1024):
-    """Euclidean distances of each row of x (N, D) to its k nearest other rows, ascending -> (N, k) float64.
-
-    The candidates come from a float32 Gram matrix (|a|^2 + |b|^2 - 2ab on centred rows, chunked: O(N^2 D));
-    their distances are then recomputed exactly in float64 from the rows, so near-duplicates do not round to 0."""
+    """Euclidean distances of each row of x (N, D) to its k nearest other rows, ascending -> (N, k) float64: the
+    candidates of a float32 Gram matrix (chunked, O(N^2 D)), recomputed in float64 (near-duplicates stay > 0)."""
     x64 = _t64(x)
-    x = torch.as_tensor(_np32(x))
-    x = x - x.mean(0, keepdim=True)  # translation-invariant; centring keeps |a|^2 + |b|^2 - 2ab well conditioned
+    x = (x64 - x64.mean(0, keepdim=True)).float()  # translation-invariant; centred, |a|^2 + |b|^2 - 2ab is stable
     sq = (x * x).sum(1)
     out = torch.empty(len(x), k, dtype=torch.float64)
     for i in range(0, len(x), chunk):
@@ -156,10 +118,7 @@ def knn_entropy(x, k=3, min_dist=1e-10):
         H = psi(N) - psi(k) + log V_D + D/N * sum_i log r_i,
     r_i = Euclidean distance from x_i to its k-th nearest neighbour, V_D = pi^(D/2) / Gamma(D/2 + 1) the
     volume of the unit D-ball (Kraskov, Stoegbauer, Grassberger 2004, Eq. (20) with the Euclidean norm).
-    our choice: k = 3; distances floored at min_dist (duplicated images would give log 0). The estimator is
-    consistent but strongly biased when D is large relative to log N (D = 512, N = 5000): compare it only
-    within one run, as the paper does with its trends.
-    """
+    our choice 7: k = 3, distances floored at min_dist (duplicates); biased in high D: compare within a run."""
     n, d = x.shape
     r = knn_distances(x, k)[:, -1].clamp_min(min_dist)
     log_vd = 0.5 * d * math.log(math.pi) - math.lgamma(0.5 * d + 1)
@@ -168,47 +127,32 @@ def knn_entropy(x, k=3, min_dist=1e-10):
 
 def intrinsic_dimension(x):
     """TwoNN intrinsic dimension of x (N, D) (Facco, d'Errico, Rodriguez, Laio, Sci. Rep. 7, 12140, 2017).
-
-    For each point the ratio mu_i = r2_i / r1_i of its distances to its 2nd and 1st nearest neighbours follows,
-    for locally uniform data on a d-dimensional manifold, the Pareto law F(mu) = 1 - mu^(-d), whatever the
-    density. We use the maximum-likelihood estimate of that Pareto exponent, with N - 1 for N (unbiased):
-        d = (N - 1) / sum_i log mu_i.
-    our choice: the MLE rather than the paper's linear fit of -log(1 - F(mu)) on log mu through the origin with
-    the largest 10 % of the mu discarded: no fraction to choose and no empirical CDF; it gives 4.86 for a 5-d
-    Gaussian embedded in 64-d and 1.95 for a plane (N = 2000, tests/test_monitor_metrics.py).
-    Duplicates (r1 = 0, so mu = inf) are removed first: exact duplicate rows are collapsed to one (np.unique),
-    and N counts the distinct rows. NaN with fewer than 3 distinct rows. A collapsed embedding gives a low value.
-    """
+    mu_i = r2_i / r1_i, the ratio of a point's distances to its 2nd and 1st nearest neighbours, follows for
+    locally uniform data on a d-dimensional manifold the Pareto law F(mu) = 1 - mu^(-d), whatever the density.
+    our choice 12: its MLE, N - 1 for N: d = (N - 1) / sum_i log mu_i, over the distinct rows (r1 > 0); NaN with
+    fewer than 3. A collapsed embedding gives a low value."""
     x = np.unique(_np32(x), axis=0)  # (N', D) distinct rows: every r1 > 0
     if len(x) < 3:
         return float("nan")
     r = knn_distances(x, 2)  # (N', 2): r1, r2
-    log_mu = (r[:, 1] / r[:, 0]).log()
-    return float((len(x) - 1) / log_mu.sum())
+    return float((len(x) - 1) / (r[:, 1] / r[:, 0]).log().sum())
 
 
 def embedding_entropy(x, estimator="gaussian", eps=1e-6, k=3):
     """H(Z_3) of the paper, in nats. estimator: "gaussian" (log-det, see gaussian_entropy) or "knn"
-    (Kozachenko-Leonenko, see knn_entropy). our choice: the paper does not name its estimator; both are
-    reported by the CLI (--entropy), on the raw (not L2-normalised) embeddings."""
-    if estimator == "gaussian":
-        return gaussian_entropy(x, eps)
-    if estimator == "knn":
-        return knn_entropy(x, k)
-    raise ValueError(f"estimator must be 'gaussian' or 'knn', got {estimator!r}")
+    (Kozachenko-Leonenko, see knn_entropy). our choice 7: the CLI reports both (--entropy), on raw embeddings."""
+    if estimator not in ("gaussian", "knn"):
+        raise ValueError(f"estimator must be 'gaussian' or 'knn', got {estimator!r}")
+    return gaussian_entropy(x, eps) if estimator == "gaussian" else knn_entropy(x, k)
 
 
 def rankme(x, eps=1e-7, center=False):
-    """RankMe (Garrido et al. 2023, Eq. (1)): the exponential of the entropy of the normalised singular values,
+    """RankMe (Garrido et al., ICML 2023, Eq. (1)): the exponential of the entropy of normalised singular values
         p_k = sigma_k / ||sigma||_1 + eps,   RankMe = exp(-sum_k p_k log p_k).
-    It is a smooth rank: ~r for rank-r data with a flat spectrum, ~min(N, D) for isotropic data.
-    our choice: eps = 1e-7 and no centring, as in the paper's definition (and stable-ssl's monitor); pass
-    center=True to measure the rank of the covariance instead (a mean offset then adds no rank).
-    """
+    A smooth rank: ~r for rank-r data with a flat spectrum, ~min(N, D) for isotropic data. our choice 8: eps =
+    1e-7, no centring (the paper's); center=True: the covariance's rank (a mean offset then adds none)."""
     x = _t64(x)
-    if center:
-        x = x - x.mean(0, keepdim=True)
-    s = torch.linalg.svdvals(x)  # (min(N, D),)
+    s = torch.linalg.svdvals(x - x.mean(0, keepdim=True) if center else x)  # (min(N, D),)
     p = s / s.sum().clamp_min(1e-300) + eps
     return float(torch.exp(-(p * p.log()).sum()))
 
@@ -221,18 +165,12 @@ def covariance_spectrum(x):
 
 
 def alpha_req(x, fit_range=(0.0, 0.5)):
-    """alpha-ReQ (Agrawal et al. 2022): fit lambda_k ~ k^(-alpha) by least squares of log lambda_k on log k.
-
-    Returns {"alpha", "r2", "fit_lo", "fit_hi"}: the fitted decay, the R^2 of the log-log fit and the 1-based
-    eigenvalue ranks it used (inclusive).
-    our choice: fit over ranks in (fit_range[0] * r, fit_range[1] * r], r = number of eigenvalues above
-    1e-12 * lambda_1 (the numerical rank): the top half of the spectrum. The discarded tail is where a finite
-    sample (N not >> D) bends the spectrum down; the paper only says to leave out the noisy tail.
-    """
+    """alpha-ReQ (Agrawal et al., NeurIPS 2022): fit lambda_k ~ k^(-alpha), least squares of log lambda_k on log k
+    -> {"alpha", "r2" (of the log-log fit), "fit_lo", "fit_hi" (the 1-based ranks used)}. our choice 9: ranks in
+    (fit_range[0] * r, fit_range[1] * r], r = the number of eigenvalues above 1e-12 * lambda_1."""
     lam = covariance_spectrum(x)
     r = int((lam > lam[0] * 1e-12).sum()) if lam[0] > 0 else 0
-    lo = int(math.floor(fit_range[0] * r)) + 1
-    hi = int(math.floor(fit_range[1] * r))
+    lo, hi = int(fit_range[0] * r) + 1, int(fit_range[1] * r)  # int() floors: both are >= 0
     if hi - lo + 1 < 3:
         return {"alpha": float("nan"), "r2": float("nan"), "fit_lo": lo, "fit_hi": hi}
     lx, ly = np.log(np.arange(lo, hi + 1)), lam[lo - 1:hi].log().numpy()
@@ -241,16 +179,14 @@ def alpha_req(x, fit_range=(0.0, 0.5)):
 
 
 def lidar(views, delta=1e-4, eps=1e-8):
-    """LiDAR (Thilak et al. 2024): the smooth rank of the LDA matrix whose classes are the images.
-
+    """LiDAR (Thilak et al., ICLR 2024): the smooth rank of the LDA matrix whose classes are the images.
     views: (n, q, D), q augmented views of each of n images (each surrogate class is ONE image).
         mu_x = mean of x's views; mu = mean of the mu_x
         Sigma_b = 1/(n-1) sum_x (mu_x - mu)(mu_x - mu)^T
         Sigma_w = 1/(n(q-1)) sum_x sum_i (e_xi - mu_x)(e_xi - mu_x)^T + delta I
         Sigma_LiDAR = Sigma_w^(-1/2) Sigma_b Sigma_w^(-1/2), eigenvalues lambda
         p_i = (lambda_i + eps) / sum_j (lambda_j + eps),  LiDAR = exp(-sum_i p_i log p_i)
-    It is at most min(D, n - 1). our choice: delta = 1e-4, eps = 1e-8 (stable-ssl's defaults; the paper's are
-    not readable here), float64.
+    It is at most min(D, n - 1). our choice 10: delta = 1e-4, eps = 1e-8 (stable-ssl's defaults), float64.
     """
     e = _t64(views)
     n, q, d = e.shape
@@ -269,26 +205,19 @@ def lidar(views, delta=1e-4, eps=1e-8):
 
 
 # ===================================== CORRELATION with the probe accuracy across checkpoints ==================
-
 def correlation_report(metric, probe, skip_early=0):
     """Pearson, Spearman and Kendall (tau-b) correlation of a metric series with the probe accuracy series
     (one value per checkpoint, in epoch order), after dropping the first `skip_early` checkpoints and any
-    checkpoint where either value is NaN.
-
-    our choice: all three statistics (the paper's is not readable); the skip_early variant because the paper
-    finds entropy unstable early in training. Returns {"n", "pearson", "spearman", "kendall"}, NaN where
-    undefined (fewer than 3 points, or a constant series).
-    """
+    checkpoint where either value is NaN (our choice 11) -> {"n", "pearson", "spearman", "kendall"}, NaN where
+    undefined (fewer than 3 points, a constant series)."""
     m, p = (np.asarray(v, dtype=np.float64)[skip_early:] for v in (metric, probe))
     ok = np.isfinite(m) & np.isfinite(p)
     m, p = m[ok], p[ok]
     defined = len(m) >= 3 and np.ptp(m) > 0 and np.ptp(p) > 0
-    return {"n": int(ok.sum()), **{name: float(fn(m, p)[0]) if defined else float("nan") for name, fn in
-                                   (("pearson", stats.pearsonr), ("spearman", stats.spearmanr),
-                                    ("kendall", stats.kendalltau))}}
+    tests = {"pearson": stats.pearsonr, "spearman": stats.spearmanr, "kendall": stats.kendalltau}
+    return {"n": int(ok.sum()), **{k: float(fn(m, p)[0]) if defined else float("nan") for k, fn in tests.items()}}
 
 # ===================================== CONFIG (every default: docs/monitor.md) =================================
-
 def _f(default, help, **check):
     """A dataclass field with its --help text and the checks common.parse_args applies (choices=, range=)."""
     return field(default=default, metadata={"help": help, **check})
@@ -334,11 +263,8 @@ class Args:
     skip_damaged: bool = _f(False, "skip unreadable checkpoints with a warning instead of stopping")
     benchmark: int = _f(0, "time the metric set on N x 512 embeddings (0 = off)", range="[0, inf)")
 
-PRESETS = {
-    # a CPU smoke test: small LiDAR, one k-means restart
-    "quick": {"max_samples": 2000, "lidar_images": 200, "lidar_views": 2, "kmeans_n_init": 1,
-              "test_samples": 1000},
-}
+PRESETS = {"quick": {"max_samples": 2000, "lidar_images": 200, "lidar_views": 2, "kmeans_n_init": 1,
+                     "test_samples": 1000}}  # a CPU smoke test: small LiDAR, one k-means restart
 
 # the metrics correlated with the probe accuracy and plotted (ami_gt is the paper's label-based reference)
 MONITORED = ("silhouette", "agreement", "entropy_gaussian", "entropy_knn", "rankme", "alpha_req", "lidar",
@@ -352,14 +278,13 @@ _ANALYZE = "the paper analyses are subcommands of their method files now: python
            "python excb.py analyze RUN_DIR"
 MOVED = {"--analysis": _ANALYZE, "--ridge-lambda": "the ridge probe was removed: use --probe knn or --probe csv",
          **{f"--{old}": f"use python {f}.py analyze RUN_DIR --{new}" for f, old, new in [
-             ("resa", "resa-split", "split"), ("resa", "resa-metric", "metric"),
-             ("excb", "excb-samples", "samples"), ("excb", "excb-bn", "bn"),
-             ("excb", "tsne-classes", "tsne-classes"), ("excb", "tsne-per-class", "tsne-per-class")]}}
+             ("resa", "resa-split", "split"), ("resa", "resa-metric", "metric"), ("excb", "excb-bn", "bn"),
+             ("excb", "excb-samples", "samples"), ("excb", "tsne-classes", "tsne-classes"),
+             ("excb", "tsne-per-class", "tsne-per-class")]}}
 
 
 def parse(argv=None):
-    """common.parse_args plus RUN_DIR as an optional first positional argument; removed flags are refused, and
-    sample counts no metric can work with are usage errors (exit 2) before any work."""
+    """common.parse_args; RUN_DIR may come first; removed flags and unusable counts are usage errors (exit 2)."""
     argv = common.path_first(argv, "--run-dir")
     for i, a in enumerate(argv):
         flag, _, value = a.partition("=")
@@ -393,53 +318,46 @@ def check_sizes(args, n_clusters):
 
 
 # ===================================== METRIC SET: every label-free metric of one embedding ====================
-
 def label_free_metrics(x, n_clusters, args, x_aug=None, views=None, timings=None):
-    """All label-free metrics of x (N, D). x_aug (N, D): one augmented view of the same images (pairing
-    "views"); views (n, q, D): LiDAR's views. Returns ({metric: (value, note)}, C_1 labels)."""
+    """All label-free metrics of x (N, D); x_aug (N, D): an augmented view of each image (pairing "views"); views
+    (n, q, D): LiDAR's. -> ({metric: (value, note)}, C_1); timings[timer] += (wall, CPU) seconds."""
     timings = {} if timings is None else timings
     out, progress = {}, common.Progress("metric set", 9, "metrics")
-
-    def timed(timer, fn, name=None, note=""):  # value of fn(), as out[name] too; its (wall, CPU) seconds added
-        t, c = time.perf_counter(), time.process_time()  # to timings[timer] (on a shared machine: CPU time)
+    def timed(name, fn, note=None, timer=None):  # fn()'s value, kept as out[name] when it has a note
+        t, c = time.perf_counter(), time.process_time()
         value = fn()
-        w0, c0 = timings.get(timer, (0.0, 0.0))
-        timings[timer] = (w0 + time.perf_counter() - t, c0 + time.process_time() - c)
+        w0, c0 = timings.get(timer or name, (0.0, 0.0))
+        timings[timer or name] = (w0 + time.perf_counter() - t, c0 + time.process_time() - c)
         progress.update(1)
-        if name:
+        if note is not None:
             out[name] = (value, note)
         return value
-
     c1 = timed("kmeans+silhouette", lambda: kmeans_labels(x, n_clusters, args.seed, args.kmeans_n_init))
-    timed("kmeans+silhouette", lambda: silhouette(x, c1, args.silhouette_samples or None, args.seed),
-          "silhouette", f"K={n_clusters}, euclidean")
+    timed("silhouette", lambda: silhouette(x, c1, args.silhouette_samples or None, args.seed),
+          f"K={n_clusters}, euclidean", "kmeans+silhouette")
     # Sec. "clustering agreement": AMI(C_1; C_2), C_2 from the augmented view or from a second k-means seed
     views_pairing = args.pairing == "views" and x_aug is not None
     x_b, seed_b = (x_aug, args.seed) if views_pairing else (x, args.seed + 1)
-    timed("agreement", lambda: clustering_agreement(x, x_b, n_clusters, args.seed, seed_b, args.kmeans_n_init,
-                                                    labels_a=c1), "agreement",
+    timed("agreement", lambda: clustering_agreement(x, x_b, n_clusters, args.seed, seed_b, args.kmeans_n_init, c1),
           f"AMI, pairing={'views' if views_pairing else 'seeds'}, K={n_clusters}")
-    if "gaussian" in args.entropy:
-        timed("entropy_gaussian", lambda: embedding_entropy(x, "gaussian", eps=args.entropy_eps),
-              "entropy_gaussian", f"eps={args.entropy_eps:g}")
-    if "knn" in args.entropy:
-        timed("entropy_knn", lambda: embedding_entropy(x, "knn", k=args.knn_k), "entropy_knn", f"k={args.knn_k}")
-    timed("rankme", lambda: rankme(x, args.rankme_eps, args.rankme_center), "rankme",
+    for est in args.entropy:  # H(Z_3), by each estimator asked for
+        timed(f"entropy_{est}", lambda: embedding_entropy(x, est, args.entropy_eps, args.knn_k),
+              f"eps={args.entropy_eps:g}" if est == "gaussian" else f"k={args.knn_k}")
+    timed("rankme", lambda: rankme(x, args.rankme_eps, args.rankme_center),
           f"eps={args.rankme_eps:g}, center={args.rankme_center}")
     a = timed("alpha_req", lambda: alpha_req(x, args.alpha_fit_range))
     note = f"fit ranks {a['fit_lo']}-{a['fit_hi']}"
     out["alpha_req"], out["alpha_req_r2"] = (a["alpha"], note), (a["r2"], note)
     if views is not None:
-        timed("lidar", lambda: lidar(views, args.lidar_delta), "lidar",
+        timed("lidar", lambda: lidar(views, args.lidar_delta),
               f"n={views.shape[0]}, q={views.shape[1]}, delta={args.lidar_delta:g}")
-    timed("intrinsic_dimension", lambda: intrinsic_dimension(x), "intrinsic_dimension", "TwoNN MLE, distinct rows")
+    timed("intrinsic_dimension", lambda: intrinsic_dimension(x), "TwoNN MLE, distinct rows")
     return out, c1
 
 
 def read_probe_csv(path, preference, dataset=None):
-    """probe.py's probe.csv (columns checkpoint, epoch, method, [features, dataset,] probe, metric, value) ->
-    ({epoch: value}, "probe metric") for the first "probe:metric" of `preference` that has rows, on backbone
-    features of the run's own dataset (not a transfer); ({}, None) when none has."""
+    """probe.py's probe.csv -> ({epoch: value}, "probe metric") for the first "probe:metric" of `preference` with
+    rows on backbone features of the run's own dataset (not a transfer); ({}, None) when none has."""
     if not Path(path).is_file():
         return {}, None
     with open(path, newline="") as f:
@@ -455,15 +373,12 @@ def read_probe_csv(path, preference, dataset=None):
 
 
 # ===================================== FEATURES: checkpoints -> embeddings of clean and augmented images =======
-
 class _Views(torch.utils.data.Dataset):
     """q augmented views of the first n images of `base` (index j -> image j // q, view j % q)."""
-
     def __init__(self, base, transform, n_views=1, n_images=None):
         self.base = copy.copy(base)  # same images and subset (common.ImageDataset), raw: no eval transform
         self.base.transform = None
-        self.transform, self.q = transform, n_views
-        self.n = len(base) if n_images is None else min(n_images, len(base))
+        self.transform, self.q, self.n = transform, n_views, min(n_images or len(base), len(base))
 
     def __len__(self):
         return self.n * self.q
@@ -474,45 +389,31 @@ class _Views(torch.utils.data.Dataset):
 
 
 class Data:
-    """The run's images, built once from the first checkpoint (every checkpoint of a run shares its dataset).
-
-    Images are transformed once per run and kept as tensors (each set up to --cache-gb): the augmented views
-    are drawn with a fixed seed, so every checkpoint sees exactly the same views, and the per-image transforms
-    (~2.5 ms of CPU per augmented image, most of the per-checkpoint cost on small images) are paid once, on
-    one thread (torch's intra-op threads only spin on 3 x 32 x 32 tensors: 2.6x slower on 2 cores). Above the
-    cap the images are re-transformed per checkpoint from the same seed (identical for a given --workers)."""
-
+    """The run's images (from the first checkpoint). our choice 5: each set is transformed once, on one thread,
+    from a fixed seed and kept up to --cache-gb (above: redone per checkpoint from the same seed): same views."""
     def __init__(self, meta, args):
-        self.meta, self.args, self._loaders = meta, args, {}
+        self.meta, self.args = meta, args
 
-    def _dl(self, ds):
-        return torch.utils.data.DataLoader(ds, batch_size=self.args.batch_size, num_workers=self.args.workers)
-
+    @functools.cache  # one loader per (split, subset, kind, views, seed), for the whole run
     def loader(self, split, subset, kind="clean", n_views=1, n_images=None, seed=0):
-        key = (split, subset, kind, n_views, n_images, seed)
-        if key in self._loaders:
-            return self._loaders[key]
         a, d = self.args, self.meta["data"]
+        dl = functools.partial(torch.utils.data.DataLoader, batch_size=a.batch_size, num_workers=a.workers)
         loader = common.eval_loader(self.meta, split, a.data_dir or None, a.batch_size, a.workers, subset=subset)
         size = int(d["image_size"])
         if kind == "aug":
             aug = common.Augment(size, scale=a.view_scale, mean=d["mean"], std=d["std"])
-            loader = self._dl(_Views(loader.dataset, aug, n_views, n_images))
+            loader = dl(_Views(loader.dataset, aug, n_views, n_images))
         if len(loader.dataset) * 3 * size * size * 4 <= a.cache_gb * 2**30:
             with common.cpu_threads(1), torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 x, y = zip(*loader)
-            loader = self._dl(torch.utils.data.TensorDataset(torch.cat(x), torch.cat(y)))
-        self._loaders[key] = loader
+            loader = dl(torch.utils.data.TensorDataset(torch.cat(x), torch.cat(y)))
         return loader
 
 
 def embed(backbone, heads, loader, device, feature_sets, seed=0, precision="fp32"):
-    """Features of a loader -> ({"backbone": (N, D), "projector": (N, D')}, labels (N,)).
-
-    The augmentation RNG is re-seeded before every pass (workers draw their seeds from it), so views that are
-    not cached are the same for every checkpoint too. One seed per pass, not per image: torch.manual_seed
-    costs milliseconds per call."""
+    """Features of a loader -> ({"backbone": (N, D), "projector": (N, D')}, labels (N,)). The RNG is seeded once
+    per pass (workers draw their seeds from it), so uncached views are the same for every checkpoint too."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         h, y = common.extract_features(backbone, loader, device, precision, what="embeddings")
@@ -533,49 +434,29 @@ def load_checkpoint(path, device):
 
 
 def validate_checkpoints(paths, skip_damaged):
-    """Read every checkpoint once before any work, so a damaged or empty file stops the run at once (one line,
-    exit 1, naming the file and --skip-damaged) or, with skip_damaged, is skipped with a warning."""
+    """Read every checkpoint first: a damaged or empty one stops the run or is skipped. -> (paths, metas)"""
     good, metas = [], []
     for p in paths:
         try:
             metas.append(common.checkpoint_meta(common.load_checkpoint(p), p))
             good.append(p)
-        except Exception as e:  # CheckpointError, or whatever a zero-byte file makes torch.load raise
-            why = str(e).strip().splitlines()[:1] or [f"{p}: {type(e).__name__}"]
-            why = f"{p} is empty (0 bytes)" if p.stat().st_size == 0 else why[0]
+        except common.CheckpointError as e:  # also a zero-byte file (common.load_checkpoint)
+            why = f"{p} is empty (0 bytes)" if p.stat().st_size == 0 else str(e).rstrip(".")
             if not skip_damaged:
-                sys.exit(f"error: {why}; pass --skip-damaged to monitor the other checkpoints")
+                raise common.CheckpointError(f"{why}; pass --skip-damaged to monitor the other checkpoints")
             print(f"warning: skipping {p}: {why}", file=sys.stderr)
     if not good:
-        sys.exit(f"error: no readable checkpoint among {len(paths)} file(s) in {paths[0].parent}")
+        raise common.CheckpointError(f"no readable checkpoint among {len(paths)} file(s) in {paths[0].parent}")
     return good, metas
 
 
 # ===================================== OUTPUTS: every file through a temporary name, figures ===================
-
-def output_dir(args, run_dir):
-    """--out-dir, or the run directory: created and tried before any work (one line and exit 1 if unwritable:
-    a read-only or shared run directory needs --out-dir)."""
-    out = Path(args.out_dir) if args.out_dir else run_dir
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()  # O_TMPFILE on Linux: nothing visible is created
-    except OSError as e:
-        sys.exit(f"error: cannot write to {out} ({e.strerror or type(e).__name__}); "
-                 f"{'choose another --out-dir' if args.out_dir else 'pass --out-dir DIR to write elsewhere'}")
-    return out
-
-
 def save(path, write):
-    """Write one output atomically: write(tmp) (or common.write_csv for write = (rows, columns)), then
-    os.replace. A full or read-only disk leaves the previous file intact and ends in one line, exit 1."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # common.write_csv's temporary name too
+    """write(tmp), then os.replace: a full disk leaves the previous file intact, one line naming it, exit 1."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        if isinstance(write, tuple):
-            common.write_csv(path, *write)
-        else:
-            write(tmp)
-            os.replace(tmp, path)
+        write(tmp)
+        os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         sys.exit(f"error: cannot write {path} ({e.strerror or type(e).__name__}); the previous file is "
@@ -584,15 +465,12 @@ def save(path, write):
 
 
 def plot(series, x, title, path, epochs=None, corr=None):
-    """One panel per metric: against epoch (epochs None), or against the probe accuracy x with one point per
-    checkpoint coloured by epoch and the correlations over all checkpoints in the panel's title."""
+    """One panel per metric against epoch (epochs None), or against the probe accuracy x (colour: epoch)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
-
-    ncols = min(4, max(len(series), 1))
-    nrows = max(1, math.ceil(len(series) / ncols))
+    ncols, nrows = min(4, max(len(series), 1)), max(1, math.ceil(len(series) / 4))
     width, height = 3.3 * ncols, 3.0 * nrows + 0.7
     fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False)
     fig.subplots_adjust(left=0.8 / width, right=1 - (0.9 if epochs else 0.2) / width, bottom=0.5 / height,
@@ -610,10 +488,9 @@ def plot(series, x, title, path, epochs=None, corr=None):
         else:
             sc = ax.scatter(x, vals, c=epochs, cmap="viridis", s=18)
             ax.set_xlabel("probe accuracy (%)", fontsize=8)
-            c = corr[name]
-            stats = [c["pearson"], c["spearman"], c["kendall"]]
-            label += ("\nneeds >= 3 checkpoints" if c["n"] < 3 else "\nconstant: no correlation"
-                      if not np.isfinite(stats).all() else "\nr={:.2f} rho={:.2f} tau={:.2f}".format(*stats))
+            rs = [corr[name][k] for k in ("pearson", "spearman", "kendall")]
+            label += ("\nneeds >= 3 checkpoints" if corr[name]["n"] < 3 else "\nconstant: no correlation"
+                      if not np.isfinite(rs).all() else "\nr={:.2f} rho={:.2f} tau={:.2f}".format(*rs))
         if not np.isfinite(vals).any():
             ax.text(0.5, 0.5, "no finite value", ha="center", va="center", transform=ax.transAxes, fontsize=8)
         ax.set_title(label, fontsize=8)
@@ -627,39 +504,31 @@ def plot(series, x, title, path, epochs=None, corr=None):
 
 
 def report(rows, names, epochs, feature_sets, probe_note, skip_early, title, out):
-    """Correlation of every monitored metric with the probe accuracy (all checkpoints, and without the first
-    `skip_early`), monitor_correlations.csv and the two figures per feature set. -> (rows, files written)."""
+    """Correlations with the probe, monitor_correlations.csv, 2 figures per feature set -> (rows, files)."""
     table = {(r["checkpoint"], r["features"], r["metric"]): r["value"] for r in rows}
-
     def series_of(metric, features):  # one value per checkpoint, NaN where it was not computed
         return [table.get((c, features, metric), float("nan")) for c in names]
-
     probe, corr_rows, written = series_of("probe_acc", "backbone"), [], []
     for fs in feature_sets:
         series = {m: series_of(m, fs) for m in MONITORED if any(k[1:] == (fs, m) for k in table)}
-        corr = {}
-        for m, vals in series.items():
-            for skip in sorted({0, skip_early}):
-                c = correlation_report(vals, probe, skip)
-                corr_rows.append({"features": fs, "metric": m, "kind": "label-based" if m == "ami_gt" else
-                                  "label-free", "skip_early": skip, **c})
-                corr.setdefault(m, c)
+        corr = {m: correlation_report(vals, probe) for m, vals in series.items()}  # all checkpoints: the figures
+        corr_rows += [{"features": fs, "metric": m, "kind": "label-based" if m == "ami_gt" else "label-free",
+                       "skip_early": skip, **correlation_report(vals, probe, skip)}
+                      for m, vals in series.items() for skip in sorted({0, skip_early})]
         fig_title = f"{title}: {fs} features, {len(names)} checkpoint(s)"
         with_probe = {**series, "probe_acc": probe} if np.isfinite(probe).any() else series
         written.append(plot(with_probe, epochs, fig_title, out / f"monitor_epoch_{fs}.png"))
         if np.isfinite(probe).sum() >= 2:
             written.append(plot(series, probe, f"{fig_title}; probe: {probe_note}",
                                 out / f"monitor_probe_{fs}.png", epochs, corr))
-    written.append(save(out / "monitor_correlations.csv", (corr_rows, ["features", "metric", "kind", "skip_early",
-                                                                       "n", "pearson", "spearman", "kendall"])))
+    columns = ["features", "metric", "kind", "skip_early", "n", "pearson", "spearman", "kendall"]
+    written.append(save(out / "monitor_correlations.csv", lambda tmp: common.write_csv(tmp, corr_rows, columns)))
     return corr_rows, written
 
 
 # ===================================== MAIN: every checkpoint -> monitor.csv, correlations, plots ==============
-
 def benchmark(args):
-    """--benchmark N: the full metric set on N x 512 synthetic clustered embeddings, subsampled to --max-samples
-    rows as the CLI does, with LiDAR on (lidar_images, lidar_views) views. Prints seconds per metric."""
+    """--benchmark N: the CLI's metric set (same flags) on N x 512 synthetic clustered embeddings -> seconds."""
     g = torch.Generator().manual_seed(args.seed)
     n, d, k = args.benchmark, 512, args.n_clusters or 10
     x = (3.0 * torch.randn(k, d, generator=g))[torch.arange(n) % k] + torch.randn(n, d, generator=g)
@@ -684,36 +553,16 @@ def main(argv=None):
         (benchmark if args.benchmark else monitor_run)(args)
 
 
-def probe_source(args, run_dir, dataset, epochs):
-    """Where the probe accuracy comes from: -> (mode csv | knn | none, {epoch: accuracy} from probe.csv, note).
-    auto = probe.py's probe.csv when it covers every checkpoint, else the k-NN probe on each checkpoint."""
-    csv_acc, csv_name = read_probe_csv(run_dir / "probe.csv", args.probe_csv, dataset)
-    mode = args.probe
-    if mode == "auto":
-        mode = "csv" if csv_acc and all(e in csv_acc for e in epochs) else "knn"
-    if mode == "csv" and not csv_acc:
-        raise common.UsageError(f"--probe csv: no row of {list(args.probe_csv)} in {run_dir / 'probe.csv'}; run "
-                                f"`python probe.py {run_dir}` first or use --probe knn")
-    note = {"csv": f"probe.csv {csv_name}", "knn": "k-NN probe (common.knn_accuracy: cosine, k=20, T=0.07)",
-            "none": ""}[mode]
-    return mode, csv_acc, note
-
-
 def monitor_checkpoint(path, args, data, device, feature_sets, probe):
-    """One checkpoint -> its monitor.csv rows (every label-free metric per feature set, ami_gt, probe_acc) and
-    the number of images used. probe = (mode, {epoch: accuracy from probe.csv}, note)."""
+    """One checkpoint -> (its monitor.csv rows, images used); probe = (mode, {epoch: probe.csv value}, note)"""
     backbone, heads, meta = load_checkpoint(path, device)
     epoch, rows, (probe_mode, csv_acc, probe_note) = int(meta["epoch"]), [], probe
-
-    def add(features, metric, value, note=""):
-        rows.append({"checkpoint": path.name, "epoch": epoch, "method": meta["method"], "features": features,
-                     "precision": args.precision, "metric": metric, "value": value, "unit": UNITS.get(metric, ""),
-                     "note": note})
-
+    def add(features, metric, value, note=""):  # one monitor.csv row, in COLUMNS' order
+        rows.append(dict(zip(COLUMNS, (path.name, epoch, meta["method"], features, args.precision, metric, value,
+                                       UNITS.get(metric, ""), note))))
     def features(split, n, kind="clean", *views, seed=0, sets=feature_sets):
         return embed(backbone, heads, data.loader(split, n, kind, *views, seed=seed), device, sets, seed,
                      args.precision)
-
     train, y = features("train", args.max_samples)
     labelled = bool((y >= 0).all()) and len(torch.unique(y)) >= 2
     n_clusters = args.n_clusters or int(meta["data"].get("num_classes") or 0) or \
@@ -722,7 +571,7 @@ def monitor_checkpoint(path, args, data, device, feature_sets, probe):
     aug = features("train", args.max_samples, "aug", seed=args.seed)[0] if args.pairing == "views" else None
     views = features("train", args.max_samples, "aug", args.lidar_views, args.lidar_images,
                      seed=args.seed + 1)[0] if args.lidar_images else None
-    n_used = {"train": len(y), "lidar_images": 0}
+    n_used = {"train": len(y), "lidar_images": 0 if views is None else len(views["backbone"]) // args.lidar_views}
     for fs in feature_sets:
         v = None if views is None else views[fs].reshape(-1, args.lidar_views, views[fs].shape[1])
         metrics, c1 = label_free_metrics(train[fs], n_clusters, args, None if aug is None else aug[fs], v)
@@ -730,8 +579,6 @@ def monitor_checkpoint(path, args, data, device, feature_sets, probe):
             add(fs, name, value, note)
         if labelled:  # label-based reference of the paper: AMI(C_1; C_GT)
             add(fs, "ami_gt", float(adjusted_mutual_info_score(y.numpy(), c1)), f"AMI vs labels, K={n_clusters}")
-        n_used["lidar_images"] = 0 if v is None else v.shape[0]
-
     acc = csv_acc.get(epoch, float("nan")) if probe_mode == "csv" else float("nan")
     if probe_mode == "csv" and epoch not in csv_acc:
         print(f"warning: probe.csv has no {probe_note} row for epoch {epoch}", file=sys.stderr)
@@ -747,12 +594,12 @@ def monitor_checkpoint(path, args, data, device, feature_sets, probe):
 
 
 def monitor_run(args):
-    """Every checkpoint of args.run_dir -> monitor.csv, correlations, plots. Every check (flags, output
-    directory, checkpoints, sample counts) happens before the first feature is computed."""
-    t_start = time.perf_counter()
-    paths, run_dir = common.list_checkpoints(args.run_dir), common.run_dir_of(args.run_dir)
-    out = output_dir(args, run_dir)
-    paths, metas = validate_checkpoints(paths, args.skip_damaged)
+    """Every checkpoint of args.run_dir -> monitor.csv, correlations, plots; all checks before the first feature"""
+    t_start, run_dir = time.perf_counter(), common.run_dir_of(args.run_dir)
+    paths, metas = validate_checkpoints(common.list_checkpoints(args.run_dir), args.skip_damaged)
+    out = Path(args.out_dir or run_dir)  # tried before any work: an OSError is common.run's line (--out-dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tempfile.TemporaryFile(dir=out).close()  # O_TMPFILE: nothing visible, no data (a full disk: save's line)
     meta0, epochs = metas[0], [int(m["epoch"]) for m in metas]
     check_sizes(args, args.n_clusters or int(meta0["data"].get("num_classes") or 0) or 2)
     has_proj = all("projector" in m["heads"] for m in metas)  # projector only when every checkpoint stores one
@@ -761,7 +608,14 @@ def monitor_run(args):
                                 f"{paths[0]} stores {meta0['heads'] or 'no heads'}")
     feature_sets = {"backbone": ["backbone"], "projector": ["projector"],
                     "all": ["backbone"] + (["projector"] if has_proj else [])}[args.features]
-    probe = probe_source(args, run_dir, meta0["data"]["dataset"], epochs)
+    # the probe accuracy: auto = probe.py's probe.csv when it covers every checkpoint, else the k-NN probe
+    csv_acc, csv_name = read_probe_csv(run_dir / "probe.csv", args.probe_csv, meta0["data"]["dataset"])
+    mode = args.probe if args.probe != "auto" else "csv" if csv_acc and set(epochs) <= set(csv_acc) else "knn"
+    if mode == "csv" and not csv_acc:
+        raise common.UsageError(f"--probe csv: no row of {list(args.probe_csv)} in {run_dir / 'probe.csv'}; run "
+                                f"`python probe.py {run_dir}` first or use --probe knn")
+    probe = (mode, csv_acc, {"csv": f"probe.csv {csv_name}", "none": "",
+                             "knn": "k-NN probe (common.knn_accuracy: cosine, k=20, T=0.07)"}[mode])
     device, data, rows = common.select_device(), Data(meta0, args), []
     progress = common.Progress("monitor", len(paths), "checkpoints")
     for path in paths:
@@ -773,12 +627,10 @@ def monitor_run(args):
         print(f"[monitor] epoch {new[0]['epoch']} ({path.name}, {time.perf_counter() - t0:.1f} s): {line}",
               flush=True)
         progress.update(1)
-
     # ---- outputs: monitor.csv first (the one that matters), then correlations, figures, the configuration ------
-    written = [save(out / "monitor.csv", (rows, COLUMNS))]
-    title = f"run {run_dir.name} ({metas[-1]['method']})"
+    written = [save(out / "monitor.csv", lambda tmp: common.write_csv(tmp, rows, COLUMNS))]
     corr_rows, files = report(rows, [p.name for p in paths], epochs, feature_sets, probe[2], args.skip_early,
-                              title, out)
+                              f"run {run_dir.name} ({metas[-1]['method']})", out)
     config = {"args": asdict(args), "checkpoints": [str(p) for p in paths], "epochs": epochs,
               "features": feature_sets, "probe": probe[2], "samples": n_used, "device": str(device),
               "seconds": round(time.perf_counter() - t_start, 1)}
