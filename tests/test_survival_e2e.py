@@ -20,8 +20,9 @@ import common
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-# 128 images, global batch 32: 4 steps per epoch, 2 epochs; a log line every step
-TINY = ["--preset", "digits", "--train-subset", "128", "--batch-size", "32", "--epochs", "2", "--log-every", "1",
+# 128 images, global batch 16: 8 steps per epoch, 2 epochs; a log line every step (the signal, sent at step 2,
+# must land inside the epoch however fast the steps run)
+TINY = ["--preset", "digits", "--train-subset", "128", "--batch-size", "16", "--epochs", "2", "--log-every", "1",
         "--save-every", "1", "--workers", "0"]
 METHODS = {
     "simclr_nscl": (["simclr_nscl.py", "--proj-hidden", "32"], "model", signal.SIGINT),  # Ctrl-C: exit 130
@@ -65,7 +66,7 @@ def test_preempted_run_resumes_exactly_with_the_same_command(name, tmp_path):
     assert "--resume auto: no checkpoint" in log and "stopped by a signal after step" in log
     mid = [p.name for p in common.list_checkpoints(tmp_path / "job") if "_step" in p.name]
     assert len(mid) == 1, log[-2000:]
-    assert common.load_checkpoint(tmp_path / "job" / mid[0])["step"] % 4 != 0  # stopped mid-epoch
+    assert common.load_checkpoint(tmp_path / "job" / mid[0])["step"] % 8 != 0  # stopped mid-epoch
 
     again = _run(job)
     assert again.returncode == 0 and f"continuing from {tmp_path / 'job' / mid[0]}" in again.stdout, \
@@ -74,7 +75,7 @@ def test_preempted_run_resumes_exactly_with_the_same_command(name, tmp_path):
     assert names(tmp_path / "job") == names(tmp_path / "ref")  # the preemption checkpoint was superseded
     a = common.load_checkpoint(tmp_path / "ref" / "ckpt_epoch0002.pt")
     b = common.load_checkpoint(tmp_path / "job" / "ckpt_epoch0002.pt")
-    assert a["step"] == b["step"] == 8 and a["precision"] == b["precision"] == "fp32"
+    assert a["step"] == b["step"] == 16 and a["precision"] == b["precision"] == "fp32"
     for k, v in a["train_state"][part].items():
         assert torch.equal(v, b["train_state"][part][k]), f"{k} differs after the preemption"
     if name == "simclr_nscl":  # a finished run resubmitted: nothing to do, nothing rewritten
