@@ -616,8 +616,9 @@ def analyze(argv):
             ("--threads", 0, 1, "CPU threads (0 = the defaults)")):
         p.add_argument(flag, type=common.ranged(int, f"[{low}, inf)"), default=default, help=text)
     a = p.parse_args(argv)
-    out, run_name = Path(a.out_dir) if a.out_dir else common.run_dir_of(a.run), common.run_dir_of(a.run).name
-    device, rows, sizes, loader, paths = common.select_device(), [], {}, None, common.list_checkpoints(a.run)
+    paths, run_name = common.list_checkpoints(a.run), common.run_dir_of(a.run).name  # the run first, then
+    out = common.check_writable(a.out_dir or common.run_dir_of(a.run))  # a read-only output: one line, no work
+    device, rows, sizes, loader = common.select_device(), [], {}, None
     progress = common.Progress("excb.py analyze", len(paths), "checkpoints")
     with common.cpu_threads(a.threads), torch.no_grad():
         for path in paths:

@@ -471,8 +471,6 @@ def analyze(argv):
     """`python resa.py analyze RUN_DIR`: ReSA's clustering properties of every layer at every checkpoint
     (Fig. 3) -> resa.csv (checkpoint, epoch, layer, granularity, split, n, sc_mean, sc_std, ari) and
     monitor_resa.png."""
-    from pathlib import Path
-
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -489,8 +487,9 @@ def analyze(argv):
             ("--batch-size", 1, 256, ""), ("--workers", 0, 0, ""), ("--threads", 0, 1, "CPU threads (0 = all)")):
         p.add_argument(flag, type=common.ranged(int, f"[{low}, inf)"), default=default, help=text)
     a = p.parse_args(argv)
-    out, run_name = Path(a.out_dir) if a.out_dir else common.run_dir_of(a.run), common.run_dir_of(a.run).name
-    device, rows, loader, paths = common.select_device(), [], None, common.list_checkpoints(a.run)
+    paths, run_name = common.list_checkpoints(a.run), common.run_dir_of(a.run).name  # the run first, then
+    out = common.check_writable(a.out_dir or common.run_dir_of(a.run))  # a read-only output: one line, no work
+    device, rows, loader = common.select_device(), [], None
     progress = common.Progress("resa.py analyze", len(paths), "checkpoints")
     with common.cpu_threads(a.threads):
         for path in paths:

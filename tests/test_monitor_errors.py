@@ -162,3 +162,14 @@ def test_analyze_bad_flags(run_dir, tmp_path, capsys, script, argv, flag):
     assert code == 2
     one_line(err, flag, f"{script}.py analyze")
     assert digest(run_dir) == before and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("script", ["excb", "resa"])
+def test_analyze_on_a_read_only_run_dir_stops_before_any_work(run_dir, tmp_path, mount, capsys, script):
+    ro = mount(["--bind", "-o", "ro", str(run_dir)], tmp_path / "fake_digits")
+    before = digest(ro)
+    fn = {"excb": excb.analyze, "resa": resa.analyze}[script]
+    code, err, out = status(lambda: fn([str(ro)]), capsys)
+    assert code == 1 and "epoch" not in out  # no checkpoint was analysed
+    one_line(err, str(ro), "read-only", "--out-dir")
+    assert digest(ro) == before
