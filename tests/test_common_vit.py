@@ -236,6 +236,8 @@ def test_vit_run_writes_a_checkpoint_probe_reads(method, tmp_path):
     assert meta["method"] == method and meta["step"] == 2 and meta["args"]["drop_path"] == 0.1
     assert meta["backbone"]["kwargs"]["patch_size"] == 4 and meta["backbone"]["kwargs"]["drop_path"] == 0.0
     assert all(b.drop_path == 0.0 for b in backbone.blocks)
+    stored = common.load_checkpoint(ckpt)["eval_backbone"]  # this method's real checkpoint: timm's ViT-S layout
+    assert {k: tuple(v.shape) for k, v in stored.items()} == _timm_vit_small_layout(16 // 4, 4)
     probe.main([str(ckpt), "--probes", "knn", "--max-train", "100", "--max-test", "50", "--no-plots",
                 "--out-dir", str(tmp_path / "probe")])
     rows = list(csv.DictReader(open(tmp_path / "probe" / "probe.csv")))

@@ -17,14 +17,14 @@ from test_common_vit import _timm_vit_small_layout
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _checkpoint(tmp_path, name, size, **kwargs):
+def _checkpoint(tmp_path, name, size, method="simclr_nscl", **kwargs):
     model, _ = common.build_backbone(name, size, **kwargs)
     with torch.no_grad():  # non-trivial BatchNorm statistics, so a wrong stem or a missed buffer shows
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 1.5)
     info = common.dataset_info("cifar10", size)
-    ckpt = common.make_checkpoint("simclr_nscl", 3, 30, {"seed": 0}, common.backbone_spec(name, size, **kwargs),
+    ckpt = common.make_checkpoint(method, 3, 30, {"seed": 0}, common.backbone_spec(name, size, **kwargs),
                                   model, "online", info, train_state={})
     return common.save_checkpoint(tmp_path / "ckpt_epoch0003.pt", ckpt)
 
@@ -35,9 +35,9 @@ def _readme_block(after: str, index: int = 0) -> str:
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)[index]
 
 
-@pytest.mark.parametrize("size", [32, 96])  # the CIFAR stem (<= 64 px) and the ImageNet stem
-def test_the_readme_lines_load_an_exported_resnet_into_torchvision(tmp_path, size):
-    ckpt = _checkpoint(tmp_path, "resnet18", size)
+@pytest.mark.parametrize("size, method", [(32, "simclr_nscl"), (96, "excb"), (32, "resa")])  # both ResNet stems
+def test_the_readme_lines_load_an_exported_resnet_into_torchvision(tmp_path, size, method):
+    ckpt = _checkpoint(tmp_path, "resnet18", size, method)
     out = subprocess.run([sys.executable, "common.py", "export", str(ckpt)], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     exported = tmp_path / "ckpt_epoch0003_backbone.pt"
@@ -52,7 +52,7 @@ def test_the_readme_lines_load_an_exported_resnet_into_torchvision(tmp_path, siz
     x = torch.randn(4, 3, size, size)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ours(x), rtol=0, atol=0)
-    assert b["mean"] == meta["data"]["mean"] and b["method"] == "simclr_nscl" and b["epoch"] == 3
+    assert b["mean"] == meta["data"]["mean"] and b["method"] == method and b["epoch"] == 3
     trained, exported = b["provenance"]["trained"], b["provenance"]["exported"]
     assert trained["created"].endswith("Z") and exported["created"].endswith("Z") and trained["world_size"] == 1
     assert trained["torchvision_version"] and isinstance(trained.get("git_dirty", False), bool)
