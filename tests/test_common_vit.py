@@ -220,7 +220,7 @@ VIT_RUNS = {
 }
 
 
-@pytest.mark.parametrize("method", list(VIT_RUNS))
+@pytest.mark.parametrize("method", ["excb", pytest.param("resa", marks=pytest.mark.slow)])  # resa: -m slow
 def test_vit_run_writes_a_checkpoint_probe_reads(method, tmp_path):
     import probe
 

@@ -54,7 +54,9 @@ def _interrupted(cmd, sig, after_step=2):
     return proc.returncode, log.read_text()
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+# the default suite runs SimCLR (Ctrl-C); ExCB (SIGTERM) and ReSA (SIGUSR1) take the same path and run with -m slow
+@pytest.mark.parametrize("name", ["simclr_nscl", pytest.param("resa", marks=pytest.mark.slow),
+                                  pytest.param("excb", marks=pytest.mark.slow)])
 def test_preempted_run_resumes_exactly_with_the_same_command(name, tmp_path):
     _, part, sig = METHODS[name]
     ref = _run(_cmd(name, tmp_path / "ref"))
