@@ -1686,13 +1686,18 @@ def _item(v):
 
 
 def check_writable(path) -> Path:
-    """Create the output directory if needed and prove it takes a file, BEFORE any work: a regular file in the
-    path, a read-only or full disk then fail here with one line (run()), not after the first epoch."""
+    """Prove, BEFORE any work and without creating anything, that files can be written at `path` (a directory,
+    made later by whoever writes there): the nearest existing folder on the way takes a test file. A regular file
+    in the path, a read-only or full disk then fail here with one line naming `path` (run()), not after an epoch."""
     p = Path(path)
-    p.mkdir(parents=True, exist_ok=True)
-    test = p / f".write_test.{os.getpid()}"
+    there = next(q for q in (p, *p.parents) if q.exists())  # the root always exists
+    if not there.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(p))
+    test = there / f".write_test.{os.getpid()}"
     try:
         test.write_bytes(b"0")
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(p)) from None
     finally:
         test.unlink(missing_ok=True)
     return p
