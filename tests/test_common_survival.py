@@ -31,7 +31,9 @@ def test_bad_batch_sizes_are_one_line_usage_errors(batch, world, words):
     assert common.split_batch(8, 4) == 2
 
 
-@pytest.mark.parametrize("script", ["resa.py", "excb.py", "simclr_nscl.py"])
+# a real interpreter for one script (every script's flags: tests/test_errors_flags.py, in-process)
+@pytest.mark.parametrize("script", ["simclr_nscl.py", pytest.param("resa.py", marks=pytest.mark.slow),
+                                    pytest.param("excb.py", marks=pytest.mark.slow)])
 def test_batch_size_zero_on_every_script(script):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, script, "--preset", "digits", "--batch-size", "0", "--output-dir",

@@ -56,6 +56,7 @@ def test_pretrain_then_probe_then_monitor(name, tmp_path):
     assert len(rows) >= 2 and any(p.suffix == ".png" for p in run_dir.iterdir())
 
 
+@pytest.mark.slow  # in-process: tests/test_common.py and test_common_survival.py (another method's checkpoint)
 def test_wrong_method_resume_is_refused(tmp_path):
     run_dir = tmp_path / "r"
     assert _run(["resa.py", *TINY, "--epochs", "0", "--output-dir", str(run_dir)], tmp_path).returncode == 0

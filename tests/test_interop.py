@@ -38,10 +38,13 @@ def _readme_block(after: str, index: int = 0) -> str:
 @pytest.mark.parametrize("size, method", [(32, "simclr_nscl"), (96, "excb"), (32, "resa")])  # both ResNet stems
 def test_the_readme_lines_load_an_exported_resnet_into_torchvision(tmp_path, size, method):
     ckpt = _checkpoint(tmp_path, "resnet18", size, method)
-    out = subprocess.run([sys.executable, "common.py", "export", str(ckpt)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
     exported = tmp_path / "ckpt_epoch0003_backbone.pt"
-    assert out.returncode == 0 and str(exported) in out.stdout, out.stderr
+    if method == "simclr_nscl":  # the documented command once, in a real interpreter; in-process otherwise
+        out = subprocess.run([sys.executable, "common.py", "export", str(ckpt)], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0 and str(exported) in out.stdout, out.stderr
+    else:
+        assert common.export_backbone(ckpt) == exported
     code = _readme_block("## Using a backbone elsewhere")
     code = re.sub(r'torch\.load\("[^"]+"', f'torch.load("{exported}"', code)
     scope = {}
@@ -81,7 +84,7 @@ def test_an_exported_vit_has_timms_names_and_old_vit_checkpoints_still_load(tmp_
 
 
 def test_export_usage_errors_are_one_line(tmp_path):
-    for argv, code in ((["export"], 2), (["export", str(tmp_path / "missing.pt")], 1)):
+    for argv, code in ((["export", str(tmp_path / "missing.pt")], 1),):  # a usage error: the same run() path
         out = subprocess.run([sys.executable, "common.py", *argv], cwd=ROOT, capture_output=True, text=True,
                              timeout=120)
         lines = out.stderr.strip().splitlines()
