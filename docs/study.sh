@@ -5,7 +5,7 @@
 #
 #   mkdir -p data/cifar10-jpeg && tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C data/cifar10-jpeg
 #   bash docs/study.sh                                   # the defaults: docs/results.md's study, ~1.5 h on 2 cores
-#   SUBSET=200 EPOCHS=1 TEST=200 K=16 bash docs/study.sh  # the smoke version the tests run
+#   SUBSET=200 EPOCHS=1 TEST=200 K=16 SHOTS="1 5 10" bash docs/study.sh  # the smoke version the tests run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-data/cifar10-jpeg}   # holds train/<class>/*.jpg and test/<class>/*.jpg
@@ -16,6 +16,7 @@ SAVE=${SAVE:-2}                   # checkpoint every SAVE epochs (+ epoch 0, bef
 TEST=${TEST:-2000}                # test images for the probes
 BATCH=${BATCH:-120}               # divisible by the 10 classes (NSCL's class-balanced batches)
 K=${K:-256}                       # ExCB clusters (~20 training images per cluster)
+SHOTS=${SHOTS:-"1 5 10 20 50 100"} # few-shot N per class (at most the smallest class of the SUBSET)
 WORKERS=${WORKERS:-2}
 PY=${PY:-python3}
 SHARED="--dataset imagefolder --data-dir $DATA --image-size 32 --train-subset $SUBSET --backbone convnet
@@ -30,7 +31,7 @@ $PY simclr_nscl.py --preset cifar10 $SHARED --width 1 --warmup-epochs 1 --loss n
 
 # 2. probe every checkpoint (k-NN, linear, few-shot + the CDNV bound), then the label-free monitor
 for run in resa excb simclr nscl; do
-    $PY probe.py "$OUT/$run" --max-train "$SUBSET" --max-test "$TEST" --shots 1 5 10 20 50 100 --repeats 3
+    $PY probe.py "$OUT/$run" --max-train "$SUBSET" --max-test "$TEST" --shots $SHOTS --repeats 3
     $PY monitor.py "$OUT/$run" --max-samples "$SUBSET" --test-samples "$TEST"
 done
 

@@ -28,7 +28,7 @@ def test_study_pipeline_on_a_tiny_slice(tmp_path):
     _tiny_imagefolder(tmp_path / "data")
     out = tmp_path / "study"
     env = dict(os.environ, DATA=str(tmp_path / "data"), OUT=str(out), SUBSET="200", EPOCHS="1", SAVE="1",
-               TEST="80", K="16", BATCH="60", WORKERS="0", OMP_NUM_THREADS="1")
+               SHOTS="1 5 10", TEST="80", K="16", BATCH="60", WORKERS="0", OMP_NUM_THREADS="1")
     res = subprocess.run(["bash", "docs/study.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=3000)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
