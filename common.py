@@ -1532,21 +1532,31 @@ def run_dir_of(path) -> Path:
     return p if p.is_dir() else p.parent
 
 
-def write_csv(path, rows, columns) -> Path:
-    """rows (dicts) -> a CSV with exactly `columns` (missing values empty), written atomically."""
+def write_atomic(path, write) -> Path:
+    """write(tmp) into a temporary file beside `path`, then os.replace(tmp, path): readers see the old file or the
+    new one, never half of one. On failure (a full disk) the temporary is removed, the previous file stays, and
+    the OSError names `path` (run() prints it as one line). write_csv, config.json and the evaluation scripts'
+    outputs use it; checkpoints add an fsync (save_checkpoint)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    return path
+
+
+def write_csv(path, rows, columns) -> Path:
+    """rows (dicts) -> a CSV with exactly `columns` (missing values empty), written atomically (write_atomic)."""
+    def write(tmp):
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
             w.writeheader()
             w.writerows({c: ("" if r.get(c) is None else r.get(c)) for c in columns} for r in rows)
-        os.replace(tmp, path)
-    except OSError as e:  # a full disk: the previous file stays, no temporary is left, the error names the file
-        tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, e.strerror, str(path)) from None
-    return path
+    return write_atomic(path, write)
 
 
 # ================================================================================================
@@ -1759,9 +1769,8 @@ class RunLogger:
         """RUN_DIR/config.json (rank 0, atomically): the run's configuration and provenance, written at every
         start and resume, so log.jsonl holds only step records (pandas.read_json(lines=True) reads it as is)."""
         if self.dist.is_main:
-            tmp = self.path.with_name(f".config.json.tmp{os.getpid()}")
-            tmp.write_text(json.dumps({**_plain(config), **provenance()}, indent=1) + "\n")
-            os.replace(tmp, self.path.with_name("config.json"))
+            text = json.dumps({**_plain(config), **provenance()}, indent=1) + "\n"
+            write_atomic(self.path.with_name("config.json"), lambda tmp: tmp.write_text(text))
 
     def log(self, record: dict) -> None:
         if self.dist.is_main:

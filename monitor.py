@@ -23,7 +23,6 @@ import csv
 import functools
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -453,12 +452,9 @@ def validate_checkpoints(paths, skip_damaged):
 # ===================================== OUTPUTS: every file through a temporary name, figures ===================
 def save(path, write):
     """write(tmp), then os.replace: a full disk leaves the previous file intact, one line naming it, exit 1."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        common.write_atomic(path, write)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         sys.exit(f"error: cannot write {path} ({e.strerror or type(e).__name__}); the previous file is "
                  f"unchanged: free space there or pass another --out-dir")
     return path.name

@@ -610,12 +610,10 @@ def _write_results(out_dir, rows):
 def _atomic(path, write):
     """write(tmp), then os.replace(tmp, path). A failed write (a full disk) removes the temporary files,
     leaves the previous file at path intact and ends the run with one line naming it (exit 1)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        common.write_atomic(path, write)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        for t in path.parent.glob(f".*{path.name}.tmp{os.getpid()}*"):  # ours and common.write_csv's
+        for t in path.parent.glob(f".*{path.name}.tmp{os.getpid()}*"):  # a RuntimeError leaves ours behind
             t.unlink()
         why = e.strerror if isinstance(e, OSError) else "torch.save failed: is the disk full?"
         sys.exit(f"error: cannot write {path} ({why}); any previous version is intact: free space or pass "
