@@ -142,12 +142,9 @@ def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks; returns a new tensor (the input is not modified). Identity at world size 1."""
-    if get_world_size() == 1:
-        return x
-    x = x.detach().clone()
-    tdist.all_reduce(x, op=tdist.ReduceOp.SUM)
-    return x
+    """Sum over ranks; returns a new tensor (the input is not modified: torch.distributed.nn's all_reduce reduces
+    a copy). Identity at world size 1."""
+    return x if get_world_size() == 1 else tdist.nn.functional.all_reduce(x.detach())
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
@@ -262,12 +259,9 @@ class BadImageError(RuntimeError):
     """An image file that cannot be decoded (truncated, or not an image at all). The message names the file, the
     folder scanned and the flag that skips such files (--skip-bad-images)."""
 
-    def __init__(self, message, path=""):
+    def __init__(self, message, path=""):  # path: for the --skip-bad-images warning, in the process that skips
         super().__init__(message)
         self.path = path
-
-    def __reduce__(self):  # DataLoader workers pickle exceptions; keep the path
-        return (type(self), (str(self), self.path))
 
 
 def _read_rgb(folder, path):
@@ -288,14 +282,9 @@ def _read_rgb(folder, path):
 def split_batch(batch_size: int, world_size: int) -> int:
     """GLOBAL --batch-size -> the per-rank batch, or a one-line UsageError (every method script calls this)."""
     b, w = batch_size, world_size
-    if b < 1:
-        raise UsageError(f"--batch-size must be at least 1 (got {b}); it is the GLOBAL batch over all ranks")
-    if b < w:
-        raise UsageError(f"--batch-size {b} is smaller than the {w} ranks: every rank needs at least one image "
-                         f"(use --batch-size {w} or more)")
-    if b % w:
-        raise UsageError(f"--batch-size {b} must divide evenly over {w} ranks (it is the GLOBAL batch; e.g. "
-                         f"--batch-size {b // w * w})")
+    if b < 1 or b % w:  # b < w included: every rank needs at least one image
+        raise UsageError(f"--batch-size {b} must be a positive multiple of the {w} ranks (it is the GLOBAL batch; "
+                         f"e.g. --batch-size {max(b // w, 1) * w})")
     return b // w
 
 
@@ -539,7 +528,6 @@ class MultiView(MultiCrop):
 
     def __init__(self, transforms):
         super().__init__(transforms)
-        self.transforms = self.global_views
 
 
 class _SeededViews(Dataset):
@@ -768,8 +756,8 @@ def render_views(images, plan: dict, group) -> torch.Tensor:
 def _view_groups(t):
     """A view transform built from Augment -> its views in output order, in groups of consecutive views of one
     size, blur kernel and normalisation, made in one batch (e.g. ExCB's 2 global crops); else None."""
-    views = ([t] if isinstance(t, Augment) else t.transforms if isinstance(t, MultiView) else
-             [*t.global_views, *[t.local_view] * t.n_local] if isinstance(t, MultiCrop) else [None])
+    views = [t] if isinstance(t, Augment) else [*t.global_views, *[t.local_view] * t.n_local] if isinstance(
+        t, MultiCrop) else [None]  # a MultiView is a MultiCrop without local crops
     if views and all(isinstance(v, Augment) for v in views):
         return [list(g) for _, g in itertools.groupby(views, lambda a: (_hw(a.size), a.blur_kernel, a.mean, a.std))]
 

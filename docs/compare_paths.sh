@@ -16,8 +16,9 @@ TEST=${TEST:-2000}                # CIFAR-10 test images for the probes
 SEEDS=${SEEDS:-"0 1"}
 WORKERS=${WORKERS:-2}             # loader path: worker processes; device path: decode threads
 PY=${PY:-python3}
+PATHS=${PATHS:-"device loader"}   # PATHS=device reruns one path only (e.g. after a change to it)
 
-for path in device loader; do
+for path in $PATHS; do
     $PY resa.py --preset digits --data-path $path --output-dir "$OUT/digits_resa_$path"
     $PY excb.py --preset digits --data-path $path --output-dir "$OUT/digits_excb_$path"
     $PY simclr_nscl.py --preset digits --data-path $path --output-dir "$OUT/digits_simclr_$path"

@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------------------- batch size
 
 
-@pytest.mark.parametrize("batch, world, words", [(0, 1, "at least 1"), (-1, 1, "at least 1"),
-                                                 (1, 2, "smaller than the 2 ranks"), (6, 4, "divide evenly")])
+@pytest.mark.parametrize("batch, world, words", [(0, 1, "--batch-size 1"), (-1, 1, "--batch-size 1"),
+                                                 (1, 2, "multiple of the 2 ranks"), (6, 4, "--batch-size 4")])
 def test_bad_batch_sizes_are_one_line_usage_errors(batch, world, words):
     with pytest.raises(common.UsageError, match=words):
         common.split_batch(batch, world)
