@@ -1553,15 +1553,13 @@ def write_csv(path, rows, columns) -> Path:
 
 
 def _arg_type(tp):
-    """Field annotation -> (argparse type, nargs)."""
+    """Field annotation -> (argparse type, nargs); X | None (Optional) reads as X."""
     origin, targs = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        inner = [a for a in targs if a is not type(None)]
-        return _arg_type(inner[0])
     if origin in (tuple, list):
-        if origin is tuple and targs and targs[-1] is not Ellipsis:
-            return targs[0], len(targs)
-        return (targs[0] if targs else str), "+"
+        fixed = origin is tuple and targs and targs[-1] is not Ellipsis
+        return (targs[0] if targs else str), len(targs) if fixed else "+"
+    if targs:  # a Union: its first type other than None
+        return _arg_type(next(a for a in targs if a is not type(None)))
     return tp, None
 
 
@@ -1598,8 +1596,7 @@ def _groups(cls) -> dict:
     except (OSError, TypeError):
         return {}
     title, out = None, {}
-    for line in lines[1:]:
-        text = line.strip()
+    for text in map(str.strip, lines[1:]):
         if text.startswith("#"):
             title = text.strip("#- ").split(" (")[0] or title
         elif ":" in text and text.split(":")[0].isidentifier():
@@ -1613,59 +1610,34 @@ def parse_args(cls, presets: dict, argv=None, usage: str | None = None):
     for each element of a tuple field) and metadata["range"] (an interval string, see ranged). `--preset NAME`
     is applied first and later flags override it. --help groups the flags by the Args class's comments and
     lists every preset's values."""
-    hints = typing.get_type_hints(cls)
-    prog = Path(sys.argv[0]).name
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # --p must not be read as --preset
-    pre.add_argument("--preset", default=None)
-    known, _ = pre.parse_known_args(argv)
-    defaults = {}
-    for f in dataclasses.fields(cls):
-        defaults[f.name] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    if known.preset is not None:
-        if known.preset not in presets:
-            ArgParser(prog=prog).error(f"argument --preset: unknown preset {known.preset!r}; choose one of "
-                                     f"{', '.join(presets) or '(none: this script has no presets)'}")
-        unknown = set(presets[known.preset]) - set(defaults)
-        if unknown:
-            raise KeyError(f"preset {known.preset!r} sets unknown fields {sorted(unknown)}")
-        defaults.update(presets[known.preset])
+    hints, titles, prog = typing.get_type_hints(cls), _groups(cls), Path(sys.argv[0]).name
+    pre = ArgParser(prog=prog, add_help=False, allow_abbrev=False)  # --p must not be read as --preset
+    if presets:
+        pre.add_argument("--preset", choices=list(presets), help="hyperparameter preset (see below)")
+    preset = vars(pre.parse_known_args(argv)[0]).get("preset")  # read first: its values become the defaults
     epilog = "presets (later flags override them):\n" + "\n".join(
         f"  {name}: " + ", ".join(f"{k}={v}" for k, v in values.items()) for name, values in presets.items())
     doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n\n")[0]
     usage = usage or f"python {prog}" + (" [--preset NAME]" if presets else "") + " [--flag VALUE ...]"
     parser = ArgParser(prog=prog, usage=usage, description=doc, epilog=epilog if presets else None,
-                     allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
-    if presets:
-        parser.add_argument("--preset", choices=list(presets), help="hyperparameter preset (see below)")
-    groups, titles = {}, _groups(cls)
+                       parents=[pre], allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups = {title: parser.add_argument_group(title) for title in dict.fromkeys(titles.values()) if title}
     for f in dataclasses.fields(cls):
-        if f.name == "preset":
+        if f.name == "preset":  # the --preset flag above
             continue
-        title = titles.get(f.name)
-        group = parser if title is None else groups.get(title) or groups.setdefault(
-            title, parser.add_argument_group(title))
-        flag, help_text = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
-        help_text = f"{help_text} (default: {defaults[f.name]})"
-        tp = hints[f.name]
-        if tp is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                               default=defaults[f.name], help=help_text)
-            continue
-        typ, nargs = _arg_type(tp)
-        if "range" in f.metadata:
-            typ = ranged(typ, f.metadata["range"])
-        group.add_argument(flag, dest=f.name, type=typ, nargs=nargs, default=defaults[f.name], help=help_text,
-                           choices=f.metadata.get("choices"),
-                           metavar=("{" + ",".join(map(str, f.metadata["choices"])) + "}"
-                                    if "choices" in f.metadata else None))
-    ns = vars(parser.parse_args(argv))
-    ns.pop("preset", None)
-    for f in dataclasses.fields(cls):  # nargs gives lists; keep the dataclass's tuple types
-        if isinstance(ns.get(f.name), list) and typing.get_origin(hints[f.name]) is tuple:
-            ns[f.name] = tuple(ns[f.name])
-    if "preset" in {f.name for f in dataclasses.fields(cls)}:
-        ns["preset"] = known.preset or ""
-    return cls(**ns)
+        typ, nargs = _arg_type(hints[f.name])
+        kind = {"action": argparse.BooleanOptionalAction} if hints[f.name] is bool else {
+            "type": ranged(typ, f.metadata["range"]) if "range" in f.metadata else typ, "nargs": nargs,
+            "choices": f.metadata.get("choices")}
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f.metadata.get("help", "") + " (default: %(default)s)"  # argparse fills in the default
+        groups.get(titles.get(f.name), parser).add_argument("--" + f.name.replace("_", "-"), dest=f.name,
+                                                            default=default, help=help_text, **kind)
+    parser.set_defaults(**presets.get(preset, {}))  # after the flags: --help shows the preset's values
+    ns = {**vars(parser.parse_args(argv)), "preset": preset or ""}
+    # nargs gives lists; keep the dataclass's tuple types; the field preset only where the Args class has one
+    return cls(**{k: tuple(v) if isinstance(v, list) and typing.get_origin(hints[k]) is tuple else v
+                  for k, v in ns.items() if k != "preset" or k in hints})
 
 
 def cosine_schedule(step: int, total_steps: int, base: float, final: float = 0.0, warmup_steps: int = 0,
@@ -1901,23 +1873,21 @@ def seed_step(seed: int, step: int, rank: int) -> None:
 
 
 def _one_line(e: BaseException) -> str:
-    """An exception -> one line for the user; never raises (an empty message gives the type's name)."""
-    msg = str(e).strip() or type(e).__name__
-    if "Original Traceback" in msg:  # raised in a DataLoader worker: our message is the traceback's last line
-        msg = re.sub(r"^[\w.]*Error: ", "", msg.splitlines()[-1])
-    return " ".join(msg.split())
-
-
-def _os_error_line(e: OSError) -> str:
-    """A file-system failure (no space, read-only, a file where a folder should be, no permission) -> one line
+    """An exception -> one line for the user; never raises (an empty message gives the type's name).
+    A file-system failure (no space, read-only, a file where a folder should be, no permission) -> one line
     naming the path and what to do. The previous checkpoint is intact: writes go to a temporary file first."""
-    path = e.filename or "the output location"
     hint = {errno.ENOSPC: "the disk is full: free space there or choose another --output-dir / --out-dir",
             errno.EROFS: "the file system is read-only: choose a writable --output-dir / --out-dir",
             errno.EACCES: "no permission to write there: choose a writable --output-dir / --out-dir",
             errno.ENOTDIR: "a part of that path is a regular file, not a folder: choose another directory",
             errno.ENOENT: "no such file or folder: check the path (a moved dataset: pass its new --data-dir)"}
-    return f"{path}: {e.strerror or type(e).__name__}; " + hint.get(e.errno, "check the path and the disk")
+    if isinstance(e, OSError) and not isinstance(e, DatasetNotFoundError):  # a file-system failure
+        return (f"{e.filename or 'the output location'}: {e.strerror or type(e).__name__}; "
+                + hint.get(e.errno, "check the path and the disk"))
+    msg = str(e).strip() or type(e).__name__
+    if "Original Traceback" in msg:  # raised in a DataLoader worker: our message is the traceback's last line
+        msg = re.sub(r"^[\w.]*Error: ", "", msg.splitlines()[-1])
+    return " ".join(msg.split())
 
 
 def run(main) -> None:
@@ -1930,23 +1900,15 @@ def run(main) -> None:
     code = 0
     try:
         main()
-    except UsageError as e:
+    except (UsageError, DatasetNotFoundError, CheckpointError, BadImageError, DivergenceError, OSError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
-        code = 2
-    except (DatasetNotFoundError, CheckpointError, BadImageError, DivergenceError) as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
-        code = 3 if isinstance(e, DivergenceError) else 1
-    except OSError as e:
-        print(f"error: {_os_error_line(e)}", file=sys.stderr, flush=True)
-        code = 1
+        code = 2 if isinstance(e, UsageError) else 3 if isinstance(e, DivergenceError) else 1
     except KeyboardInterrupt:
         print("error: interrupted (Ctrl-C) before a checkpoint could be written; rerun the command with --resume "
               "auto to continue from the last checkpoint", file=sys.stderr, flush=True)
         code = 130
-    if code == 0 and StopSignal.received == "SIGINT":
-        code = 130
-    if code:
-        sys.exit(code)
+    if code or StopSignal.received == "SIGINT":
+        sys.exit(code or 130)
 
 
 if __name__ == "__main__":  # python common.py export CKPT [OUT]: the evaluation backbone alone (export_backbone)
