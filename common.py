@@ -1882,7 +1882,7 @@ def _one_line(e: BaseException) -> str:
             errno.ENOTDIR: "a part of that path is a regular file, not a folder: choose another directory",
             errno.ENOENT: "no such file or folder: check the path (a moved dataset: pass its new --data-dir)"}
     if isinstance(e, OSError) and not isinstance(e, DatasetNotFoundError):  # a file-system failure
-        return (f"{e.filename or 'the output location'}: {e.strerror or type(e).__name__}; "
+        return (f"{e.filename or 'the output location'}: {e.strerror or str(e) or type(e).__name__}; "
                 + hint.get(e.errno, "check the path and the disk"))
     msg = str(e).strip() or type(e).__name__
     if "Original Traceback" in msg:  # raised in a DataLoader worker: our message is the traceback's last line
