@@ -1145,15 +1145,14 @@ def make_checkpoint(method: str, epoch: int, step: int, args, backbone_spec: dic
     """Assemble a checkpoint in the format of docs/common.md#checkpoint-format. heads: a module is stored as its
     layer spec + state, a tensor on the CPU, anything else as plain configuration."""
     eval_backbone, a = unwrap(eval_backbone), _plain(args)
-    stored_heads = {}
-    for key, v in (heads or {}).items():
-        v = unwrap(v) if isinstance(v, nn.Module) else v
-        stored_heads[key] = ({"spec": _layer_spec(v), "state": v.state_dict()} if isinstance(v, nn.Module)
-                             else v.detach().cpu().clone() if isinstance(v, torch.Tensor) else _plain(v))
+    heads = {key: unwrap(v) for key, v in (heads or {}).items()}  # unwrap passes tensors and values through
     return {
         "format": FORMAT, "method": method, "epoch": int(epoch), "step": int(step), "args": a,
         "backbone": _plain({"feature_dim": int(getattr(eval_backbone, "feature_dim", 0)), **backbone_spec}),
-        "eval_encoder": eval_encoder, "eval_backbone": eval_backbone.state_dict(), "heads": stored_heads,
+        "eval_encoder": eval_encoder, "eval_backbone": eval_backbone.state_dict(),
+        "heads": {key: {"spec": _layer_spec(v), "state": v.state_dict()} if isinstance(v, nn.Module)
+                  else v.detach().cpu().clone() if isinstance(v, torch.Tensor) else _plain(v)
+                  for key, v in heads.items()},
         "data": {"dataset": data_info.name, "data_dir": data_dir if data_dir is not None else a.get("data_dir"),
                  "image_size": data_info.image_size, "mean": list(data_info.mean),
                  "std": list(data_info.std), "num_classes": data_info.num_classes,
@@ -1163,28 +1162,40 @@ def make_checkpoint(method: str, epoch: int, step: int, args, backbone_spec: dic
     }
 
 
-def save_checkpoint(path, state: dict) -> Path:
-    """Write atomically: a temporary file in the same folder, fsync, then os.replace. A crash or kill
-    mid-write leaves the previous file at `path` intact (the temporary name is not *.pt, so run
-    directories never list it). Serialised in memory first: torch.save's zip writer reports a full disk as an
-    opaque RuntimeError, a plain write as the OSError (ENOSPC, with the path) that run() turns into one line."""
+def write_atomic(path, write) -> Path:
+    """write(tmp) into a temporary file beside `path`, then os.replace(tmp, path): readers see the old file or the
+    new one, never half of one (the temporary name is not *.pt, so run directories never list it). On failure (a
+    full disk, Ctrl-C) the temporary is removed and the previous file stays; an OSError names `path` (run() prints
+    it as one line). write_csv, config.json and the evaluation scripts' outputs use it; checkpoints add an
+    fsync (save_checkpoint)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):  # a failed write() names no file, open() the temporary: name `path`
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
+    return path
+
+
+def save_checkpoint(path, state: dict) -> Path:
+    """Write atomically (write_atomic: a temporary file in the same folder, then os.replace) with an fsync before
+    the replace. A crash or kill mid-write leaves the previous file at `path` intact. Serialised in memory first:
+    torch.save's zip writer reports a full disk as an opaque RuntimeError, a plain write as the OSError (ENOSPC,
+    with the path) that run() turns into one line."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    try:
+
+    def write(tmp):
         with open(tmp, "wb") as f:
             f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and not e.filename:  # a failed write() names no file: name the checkpoint
-            raise OSError(e.errno, e.strerror, str(path)) from None
-        raise
-    return path
+    return write_atomic(path, write)
 
 
 def load_checkpoint(path, method: str | None = None) -> dict:
@@ -1234,14 +1245,11 @@ def load_heads(path_or_ckpt) -> dict:
     """Evaluation heads of a checkpoint: {"projector": nn.Sequential (eval mode), "centroids": tensor,
     "normalize_output": bool, ...}; only the keys that were stored."""
     ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else load_checkpoint(path_or_ckpt)
-    heads = {}
-    for key, value in ckpt.get("heads", {}).items():
-        if isinstance(value, dict) and "spec" in value:
-            module = _build_layer(value["spec"])
-            module.load_state_dict(value["state"], strict=True)
-            heads[key] = module.eval()
-        else:
-            heads[key] = value
+    heads = dict(ckpt.get("heads", {}))
+    for key, value in heads.items():
+        if isinstance(value, dict) and "spec" in value:  # a module: its layer spec + state
+            heads[key] = _build_layer(value["spec"]).eval()
+            heads[key].load_state_dict(value["state"], strict=True)
     return heads
 
 
@@ -1251,10 +1259,10 @@ def checkpoint_name(epoch: int, step: int | None = None) -> str:
     return f"ckpt_epoch{epoch:04d}.pt" if step is None else f"ckpt_epoch{epoch:04d}_step{step:06d}.pt"
 
 
-def _checkpoint_order(f: Path) -> tuple:
-    """Sort key of a checkpoint file in training order: the numbers in its name, so ckpt_epoch0010.pt (10) < a
-    mid-epoch ckpt_epoch0010_step004321.pt (10, 4321) < ckpt_epoch0011.pt (11)."""
-    return [int(n) for n in re.findall(r"\d+", f.stem)], f.name
+def _checkpoint_files(folder) -> list[Path]:
+    """A folder's *.pt files in training order ([] when it does not exist yet): by the numbers in each name, so
+    ckpt_epoch0010.pt (10) < a mid-epoch ckpt_epoch0010_step004321.pt (10, 4321) < ckpt_epoch0011.pt (11)."""
+    return sorted(Path(folder).glob("*.pt"), key=lambda f: (list(map(int, re.findall(r"\d+", f.stem))), f.name))
 
 
 def list_checkpoints(path) -> list[Path]:
@@ -1263,12 +1271,10 @@ def list_checkpoints(path) -> list[Path]:
     p = Path(path)
     if p.is_file():
         return [p]
-    if not p.is_dir():
-        raise CheckpointError(f"{p}: no such checkpoint file or run directory")
-    files = sorted(p.glob("*.pt"), key=_checkpoint_order)
-    if not files:
-        raise CheckpointError(f"no checkpoints (*.pt) in {p}; train into it first, e.g. "
-                              f"`python resa.py --preset digits --output-dir {p}`")
+    if not (files := _checkpoint_files(p)):  # [] also when p does not exist
+        raise CheckpointError(f"no checkpoints (*.pt) in {p}; train into it first, e.g. `python resa.py --preset "
+                              f"digits --output-dir {p}`" if p.is_dir()
+                              else f"{p}: no such checkpoint file or run directory")
     return files
 
 
@@ -1294,7 +1300,7 @@ def resume_checkpoint(args, method: str) -> dict | None:
     printed but allowed (a deliberate change, e.g. a lower lr). Manual: docs/common.md#runs-that-survive.
     """
     run_dir = Path(args.output_dir)
-    existing = sorted(run_dir.glob("*.pt"), key=_checkpoint_order)  # [] when it does not exist yet
+    existing = _checkpoint_files(run_dir)  # [] when it does not exist yet
     if not args.resume:
         if existing:
             raise UsageError(f"{run_dir} already holds checkpoints (newest: {existing[-1].name}); pass --resume auto "
@@ -1344,8 +1350,7 @@ def prune_interrupted(run_dir, step: int) -> None:
     which that newer checkpoint supersedes, so a finished run directory holds the same files as a run that was
     never interrupted."""
     for f in Path(run_dir).glob("ckpt_epoch*_step*.pt"):
-        m = re.search(r"_step(\d+)$", f.stem)
-        if m and int(m.group(1)) < step:
+        if (m := re.search(r"_step(\d+)$", f.stem)) and int(m.group(1)) < step:
             f.unlink(missing_ok=True)
 
 
@@ -1362,12 +1367,8 @@ def eval_loader(meta_or_data: dict, split: str, data_dir: str | None = None, bat
     data = meta_or_data.get("data", meta_or_data)
     name = dataset or data["dataset"]
     size = int(data["image_size"])
-    if name == data["dataset"]:
-        mean, std = data["mean"], data["std"]
-    else:
-        info = dataset_info(name, size)
-        mean, std = info.mean, info.std
-    ds = build_dataset(name, split, eval_transform(size, mean, std),
+    norm = data if name == data["dataset"] else vars(dataset_info(name, size))  # its mean and std
+    ds = build_dataset(name, split, eval_transform(size, norm["mean"], norm["std"]),
                        data_dir if data_dir is not None else data.get("data_dir"), subset=subset,
                        image_size=size if name == "digits" else None)
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
@@ -1460,7 +1461,8 @@ def knn_predict(train_x, train_y, test_x, k=20, temperature=0.07, metric="cosine
     The test set is processed in chunks so that a chunk of the (M, N) similarity matrix holds at most
     chunk_elems entries (2^25 floats = 128 MB)."""
     C = num_classes or int(train_y.max()) + 1
-    if metric == "cosine":
+    cosine = metric == "cosine"
+    if cosine:
         train_x, test_x = nn.functional.normalize(train_x, dim=1), nn.functional.normalize(test_x, dim=1)
     elif metric == "euclidean":
         train_sq = (train_x * train_x).sum(1)  # (N,)
@@ -1470,14 +1472,12 @@ def knn_predict(train_x, train_y, test_x, k=20, temperature=0.07, metric="cosine
     scores = []
     for s in range(0, len(test_x), step):
         q = test_x[s:s + step]
-        if metric == "cosine":
-            val, idx = (q @ train_x.T).topk(k, dim=1)  # (m, k) of the (m, N) similarities
-            w = (val / temperature).exp()
-        else:  # ||q - x||^2 = ||q||^2 - 2 q.x + ||x||^2; ||q||^2 does not change the ranking of a row
-            idx = (train_sq[None, :] - 2 * q @ train_x.T).topk(k, dim=1, largest=False).indices
-            w = torch.ones(idx.shape, dtype=q.dtype, device=q.device)
-        votes = torch.zeros(len(q), C, dtype=q.dtype, device=q.device)
-        scores.append(votes.scatter_add_(1, train_y[idx], w))  # (m, C)
+        # cosine: the k largest of the (m, N) similarities; euclidean: the k smallest ||q - x||^2 = ||q||^2 - 2 q.x
+        # + ||x||^2, where ||q||^2 does not change the ranking of a row
+        sim = q @ train_x.T if cosine else train_sq[None, :] - 2 * q @ train_x.T
+        val, idx = sim.topk(k, dim=1, largest=cosine)
+        w = (val / temperature).exp() if cosine else torch.ones_like(val)  # (m, k)
+        scores.append(w.new_zeros(len(q), C).scatter_add_(1, train_y[idx], w))  # (m, C)
     return torch.cat(scores)
 
 
@@ -1493,18 +1493,14 @@ def cpu_threads(n: int):
     (tests call the scripts' main() in-process); n <= 0 leaves them. Evaluation takes thousands of small steps
     (a probe's (1000, 512) x (512, C) matmuls, k-means iterations), where OpenMP barriers on a busy machine cost
     more than a second core saves: 3.3 ms per linear-probe step on 1 thread, 30+ ms on 2 (2-core VM)."""
-    if n <= 0:
-        yield
-        return
-    from threadpoolctl import threadpool_limits
+    with contextlib.ExitStack() as restore:  # on exit: threadpoolctl's limits, then torch's thread count
+        if n > 0:
+            from threadpoolctl import threadpool_limits
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        with threadpool_limits(limits=n):
-            yield
-    finally:
-        torch.set_num_threads(before)
+            restore.callback(torch.set_num_threads, torch.get_num_threads())
+            torch.set_num_threads(n)
+            restore.enter_context(threadpool_limits(limits=n))
+        yield
 
 
 def path_first(argv, flag: str) -> list:
@@ -1520,30 +1516,13 @@ def run_dir_of(path) -> Path:
     return p if p.is_dir() else p.parent
 
 
-def write_atomic(path, write) -> Path:
-    """write(tmp) into a temporary file beside `path`, then os.replace(tmp, path): readers see the old file or the
-    new one, never half of one. On failure (a full disk) the temporary is removed, the previous file stays, and
-    the OSError names `path` (run() prints it as one line). write_csv, config.json and the evaluation scripts'
-    outputs use it; checkpoints add an fsync (save_checkpoint)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, e.strerror, str(path)) from None
-    return path
-
-
 def write_csv(path, rows, columns) -> Path:
     """rows (dicts) -> a CSV with exactly `columns` (missing values empty), written atomically (write_atomic)."""
     def write(tmp):
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
             w.writeheader()
-            w.writerows({c: ("" if r.get(c) is None else r.get(c)) for c in columns} for r in rows)
+            w.writerows(rows)  # csv writes None as an empty field, restval="" fills missing keys
     return write_atomic(path, write)
 
 
@@ -1806,7 +1785,7 @@ class DivergenceGuard:
         if step == never:
             return
         value = f"{float(self.value):g}" if int(self.first) == step else "non-finite"
-        good = sorted(Path(self.run_dir).glob("*.pt"), key=_checkpoint_order)
+        good = _checkpoint_files(self.run_dir)
         epoch = (step - 1) // self.steps_per_epoch
         where = (f"the last good checkpoint is {good[-1]}; continue from it with --resume {good[-1]}" if good
                  else "no checkpoint had been written yet")

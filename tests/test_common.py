@@ -1,5 +1,6 @@
 """common.py: datasets, views, loaders, backbones, checkpoints, argument parsing, schedules, logging."""
 import dataclasses
+import errno
 import json
 import math
 import pickle
@@ -242,6 +243,39 @@ def test_interrupted_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert path.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
     assert common.load_checkpoint(path)["epoch"] == 1
 
+
+
+def test_a_failed_atomic_write_keeps_the_previous_file_and_names_the_path(tmp_path, monkeypatch):
+    path = common.save_checkpoint(tmp_path / "ckpt_epoch0001.pt", {"x": 1})
+    good = path.read_bytes()
+
+    def full_disk(fd):  # fsync reports ENOSPC without a file name, as a failed write() does
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(common.os, "fsync", full_disk)
+    with pytest.raises(OSError) as e:
+        common.save_checkpoint(path, {"x": 2})
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(path)
+    monkeypatch.undo()
+
+    def interrupted(tmp):
+        tmp.write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        common.write_atomic(path, interrupted)
+    assert path.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_checkpoint_files_in_training_order(tmp_path):
+    assert common._checkpoint_files(tmp_path / "not_yet") == []
+    for name in ("ckpt_epoch0011.pt", "ckpt_epoch0010_step004321.pt", "ckpt_epoch0010.pt", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in common._checkpoint_files(tmp_path)] == [
+        "ckpt_epoch0010.pt", "ckpt_epoch0010_step004321.pt", "ckpt_epoch0011.pt"]
+    assert common.list_checkpoints(tmp_path) == common._checkpoint_files(tmp_path)
+    with pytest.raises(common.CheckpointError, match="no such checkpoint file or run directory"):
+        common.list_checkpoints(tmp_path / "not_yet")
 
 def test_checkpoint_errors_are_clear(tmp_path):
     with pytest.raises(common.CheckpointError, match="no such checkpoint"):
