@@ -23,10 +23,10 @@ Commands (expected time / result; docs/excb.md has the details):
       excb.py --preset imagenet_vits --data-dir /data/imagenet --output-dir runs/in1k_vits
   --batch-size is GLOBAL and --lr is absolute for it (official): a preset is the same run on 1 or 16 GPUs.
 
-Measured (torch 2.14.1, CPU: 2 cores shared with other jobs, OMP_NUM_THREADS=1; details in docs/excb.md):
-  digits preset: 110 steps in 101 s (~85 img/s); clusters 0.86-1.18 x N/K, none empty; k-NN stays ~93-95 %
-  CIFAR-10 JPEG, 5k images, 16 px convnet, K=128, 234 steps (~7 min): teacher 20-NN 30.0 -> 33.3 %, clusters
-  0.88-1.08 x N/K, none empty. GPU presets (cifar10, imagenet, imagenet_vits): unmeasured (no GPU here).
+Measured (torch 2.14.1, CPU: 2 cores shared with other jobs, device data path; details in docs/excb.md):
+  digits preset: 110 steps in 5 s (~1,200 img/s); last-epoch clusters 0.82-1.11 x N/K, none empty; k-NN ~94 %
+  CIFAR-10 JPEG, 5k images, 16 px convnet, K=128, 234 steps (19 s): teacher 20-NN 30.1 -> 34.9 %, clusters
+  0.94-1.10 x N/K, none empty. GPU presets (cifar10, imagenet, imagenet_vits): unmeasured (no GPU here).
 """
 import copy
 import dataclasses
