@@ -25,7 +25,7 @@ Commands (expected time / result; docs/excb.md has the details):
 
 Measured (torch 2.14.1, CPU: 2 cores shared with other jobs, device data path; details in docs/excb.md):
   digits preset: 110 steps in 5 s (~1,200 img/s); last-epoch clusters 0.82-1.11 x N/K, none empty; k-NN ~94 %
-  CIFAR-10 JPEG, 5k images, 16 px convnet, K=128, 234 steps (19 s): teacher 20-NN 30.1 -> 34.9 %, clusters
+  CIFAR-10 JPEG, 5k images, 16 px convnet, K=128, 234 steps (19 s of steps): teacher 20-NN 30.1 -> 34.9 %, clusters
   0.94-1.10 x N/K, none empty. GPU presets (cifar10, imagenet, imagenet_vits): unmeasured (no GPU here).
 """
 import copy

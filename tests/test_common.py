@@ -244,7 +244,6 @@ def test_interrupted_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert common.load_checkpoint(path)["epoch"] == 1
 
 
-
 def test_a_failed_atomic_write_keeps_the_previous_file_and_names_the_path(tmp_path, monkeypatch):
     path = common.save_checkpoint(tmp_path / "ckpt_epoch0001.pt", {"x": 1})
     good = path.read_bytes()
@@ -276,6 +275,7 @@ def test_checkpoint_files_in_training_order(tmp_path):
     assert common.list_checkpoints(tmp_path) == common._checkpoint_files(tmp_path)
     with pytest.raises(common.CheckpointError, match="no such checkpoint file or run directory"):
         common.list_checkpoints(tmp_path / "not_yet")
+
 
 def test_checkpoint_errors_are_clear(tmp_path):
     with pytest.raises(common.CheckpointError, match="no such checkpoint"):

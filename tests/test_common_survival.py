@@ -23,8 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------------------- batch size
 
 
-@pytest.mark.parametrize("batch, world, words", [(0, 1, "--batch-size 1"), (-1, 1, "--batch-size 1"),
-                                                 (1, 2, "multiple of the 2 ranks"), (6, 4, "--batch-size 4")])
+@pytest.mark.parametrize("batch, world, words", [
+    (0, 1, r"--batch-size 0 must be a positive multiple of the 1 ranks .*e\.g\. --batch-size 1\)"),
+    (-1, 1, r"--batch-size -1 must .*e\.g\. --batch-size 1\)"),
+    (1, 2, r"--batch-size 1 must be a positive multiple of the 2 ranks .*e\.g\. --batch-size 2\)"),
+    (6, 4, r"--batch-size 6 must .*e\.g\. --batch-size 4\)")])
 def test_bad_batch_sizes_are_one_line_usage_errors(batch, world, words):
     with pytest.raises(common.UsageError, match=words):
         common.split_batch(batch, world)
